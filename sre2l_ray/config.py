@@ -1,0 +1,301 @@
+"""One typed config tree for every stage, loaded from YAML with dotted ``key=value`` overrides.
+
+Validation is pydantic v2 with ``extra="forbid"``: an unknown key names the closest valid one, a wrong type names
+the expected type, so a typo in a long cluster job fails in the first second instead of after the teacher trained.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the fix."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Group):
+    name: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "shards"] = "fashion_mnist"
+    """Dataset kind; `imagefolder` covers Tiny-ImageNet and ImageNet laid out as train/ and val/ class folders."""
+    root: str = "data"
+    """Folder holding the dataset (torchvision layout, or the ImageFolder root)."""
+    train_dir: str = "train"
+    val_dir: str = "val"
+    image_size: int | None = None
+    """Side in pixels fed to the models; None takes the dataset's native size (28 for Fashion-MNIST)."""
+    download: bool = True
+    """Let torchvision download when the files are missing (needs internet)."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader workers for folder datasets; tensors-in-memory datasets ignore it."""
+    val_limit: int | None = Field(None, ge=1)
+    """Evaluate on only the first N validation images (quick checks); None = the whole split."""
+    train_limit: int | None = Field(None, ge=1)
+    """Train the teacher on a seeded stratified subset of N images (tests); None = the whole split."""
+
+
+class ModelConfig(_Group):
+    name: str = "convnet"
+    """Registry name: convnet, resnet18, resnet50 (small stem for <= 64 px), tv_resnet18, tv_resnet50, tiny_bn."""
+    depth: int = Field(3, ge=1, le=6)
+    """ConvNet conv/pool blocks."""
+    width: int = Field(128, ge=1)
+    """ConvNet channels."""
+    weights: str | None = None
+    """torchvision weights name (e.g. IMAGENET1K_V1) or a local state-dict file loaded with weights_only=True."""
+
+
+class AugmentConfig(_Group):
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area fraction (lower, upper), each in (0, 1]."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0 < lo <= hi <= 1):
+            raise ValueError(f"crop_scale must satisfy 0 < lower <= upper <= 1, got {list(v)}; e.g. [0.08, 1.0]")
+        return v
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio_positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError(f"crop_ratio must satisfy 0 < lower <= upper, got {list(v)}")
+        return v
+
+
+class SqueezeConfig(_Group):
+    model: ModelConfig = ModelConfig()
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0))
+    checkpoint: str | None = None
+    """Use this teacher state dict instead of training one (weights_only load)."""
+
+
+class RecoverConfig(_Group):
+    ipc: int = Field(10, ge=1)
+    """Synthetic images per class."""
+    iterations: int = Field(1000, ge=1)
+    lr: float = Field(0.25, gt=0)
+    betas: tuple[float, float] = (0.5, 0.9)
+    r_bn: float = Field(0.01, ge=0)
+    """Weight of the BN-statistics term against cross-entropy."""
+    first_bn_multiplier: float = Field(10.0, ge=0)
+    jitter: int = Field(4, ge=0)
+    """Max random shift (pixels, each axis, wrapping) per step."""
+    augment: AugmentConfig = AugmentConfig()
+    classes_per_batch: int | None = Field(None, ge=1)
+    """Classes that share one BN-matching batch; None = all classes, as in the paper."""
+    ipc_per_batch: int = Field(1, ge=1)
+    """IPC indices per BN-matching batch; batch size = classes_per_batch * ipc_per_batch."""
+    compile: bool = False
+    """torch.compile the teacher for the recovery loop (opt-in)."""
+    bf16: bool = False
+    """bf16 autocast of the teacher forward on CUDA."""
+
+
+class RelabelConfig(_Group):
+    model: ModelConfig = ModelConfig()
+    """Student architecture, independent of the teacher's."""
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    augment: AugmentConfig = AugmentConfig()
+    cutmix: float = Field(0.0, ge=0, le=1)
+    """Probability of applying CutMix to a batch (0 disables)."""
+    soft_labels: Literal["online", "precomputed"] = "online"
+    topk: int | None = Field(10, ge=1)
+    """Precomputed labels: keep the teacher's top-k logits (None = full outputs)."""
+
+
+class EvaluateConfig(_Group):
+    batch_size: int = Field(500, ge=1)
+    baselines: bool = True
+    """Also train students on a seeded stratified real subset of the same IPC (soft and hard labels)."""
+
+
+class TrackingConfig(_Group):
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "sre2l"
+
+
+class RayConfig(_Group):
+    enabled: bool = False
+    """Run stages through Ray (Train for training, actors for recovery); False runs the cores in-process."""
+    address: str | None = None
+    """Cluster address; None starts or joins a local Ray (`ray.init()`)."""
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (DDP) for squeeze and relabel."""
+    cpus_per_worker: float = Field(0.5, gt=0)
+    num_actors: int = Field(1, ge=1)
+    """Recovery actors."""
+    cpus_per_actor: float = Field(1.0, gt=0)
+    use_gpu: bool | None = None
+    """None = use GPUs when the cluster has them."""
+    max_failures: int = Field(2, ge=0)
+    storage_path: str | None = None
+    """Ray Train storage (local/NFS path or s3://, gs://); None = <output_dir>/ray."""
+
+
+class TuneConfig(_Group):
+    num_samples: int = Field(4, ge=1)
+    search: Literal["grid", "random", "optuna"] = "random"
+    space: dict[str, Any] = Field(default_factory=dict)
+    """Dotted config key -> {"choice": [...]} | {"uniform": [lo, hi]} | {"grid": [...]}."""
+    max_concurrent: int | None = Field(None, ge=1)
+    asha: bool = True
+
+
+class Config(_Group):
+    seed: int = 0
+    output_dir: str = "runs/default"
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads; None = all free cores."""
+    channels_last: bool = True
+    data: DataConfig = DataConfig()
+    squeeze: SqueezeConfig = SqueezeConfig()
+    recover: RecoverConfig = RecoverConfig()
+    relabel: RelabelConfig = RelabelConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _device_known(self) -> Config:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+    def hash(self, *sections: str) -> str:
+        """Short stable hash of the named sections (all when none), used to tell whether outputs still match."""
+        dump = self.model_dump(mode="json")
+        part = {k: dump[k] for k in sections} if sections else dump
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, _valid_keys(Config), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else "; see `sre2l config show` for valid keys"
+        return f"unknown config key '{loc}'{hint}"
+    got = e.get("input")
+    msg = e["msg"]
+    if isinstance(msg, str) and msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"config key '{loc}': {msg} (got {got!r})"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``a.b=1`` strings into a nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value; write e.g. recover.ipc=10")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = tree
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{p}'")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "space":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    merged = _merge(raw, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (safe_load), apply overrides, validate."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    return build_config(raw, overrides)
+
+
+def _read_yaml(p: Path, depth: int = 0) -> dict[str, Any]:
+    """Read a recipe; a top-level `base: other.yaml` (relative to this file) is loaded first and overridden."""
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' not found; pass one of configs/*.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{p}' is not valid YAML ({str(err).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of sections at top level")
+    base = raw.pop("base", None)
+    if base is not None:
+        if depth > 8:
+            raise ConfigError(f"config file '{p}': `base` chain too deep (a cycle?)")
+        raw = _merge(_read_yaml(p.parent / str(base), depth + 1), raw)
+    return raw
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Dotted key -> value, for MLflow params and comparison tables."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(cfg.model_dump(mode="json"), "")
+    return out

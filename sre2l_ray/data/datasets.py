@@ -1,0 +1,216 @@
+"""Datasets as uint8 tensors in memory plus their normalisation: every stage augments whole batches on the device."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sre2l_ray.config import DataConfig
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+# Per-dataset channel statistics (on [0, 1] pixels) and native resolution.
+STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...], int]] = {
+    "fashion_mnist": ((0.2860,), (0.3530,), 28),
+    "mnist": ((0.1307,), (0.3081,), 28),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224),
+    "shards": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224),
+}
+
+
+class DatasetError(ValueError):
+    """A dataset problem, phrased as one line that names the fix."""
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 [N, C, H, W] with int64 labels; `mean`/`std` turn them into model inputs."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.mean, self.std)
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.classes, self.mean, self.std)
+
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        mean, std = self.stat_tensors(x_uint8.device)
+        return (x_uint8.float() / 255.0 - mean) / std
+
+    def stat_tensors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        return mean, std
+
+    def pixel_bounds(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised values of pixel 0 and pixel 1: the valid range for optimised images."""
+        mean, std = self.stat_tensors(device)
+        return (0 - mean) / std, (1 - mean) / std
+
+
+def to_uint8(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Normalised float images -> uint8 pixels (round to nearest)."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return ((x.detach().float() * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def safe_class_dirname(index: int, name: str) -> str:
+    """A folder name for a class that cannot escape its parent: index prefix plus a sanitised name."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "class"
+    return f"{index:05d}_{clean[:64]}"
+
+
+def stratified_indices(labels: torch.Tensor, per_class: int, seed: int, classes: list[str] | None = None) -> torch.Tensor:
+    """Seeded random pick of `per_class` indices from each class, in class order."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    labels = labels.cpu()
+    for c in range(int(labels.max()) + 1 if labels.numel() else 0):
+        idx = (labels == c).nonzero().flatten()
+        if idx.numel() < per_class:
+            name = classes[c] if classes else str(c)
+            raise DatasetError(
+                f"ipc {per_class} is larger than class '{name}' ({idx.numel()} images); lower recover.ipc"
+            )
+        out.append(idx[torch.randperm(idx.numel(), generator=g)[:per_class]])
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def prepare_fashion_mnist(root: Path) -> bool:
+    """Un-gzip Debian's dataset-fashion-mnist files into torchvision's layout; True when the raw files are there."""
+    raw = root / "FashionMNIST" / "raw"
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    if all((raw / n).is_file() for n in names):
+        return True
+    if not all((DEBIAN_FASHION_MNIST / f"{n}.gz").is_file() for n in names):
+        return False
+    raw.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        tmp = raw / f".{n}.tmp"
+        with gzip.open(DEBIAN_FASHION_MNIST / f"{n}.gz", "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, raw / n)
+    return True
+
+
+def _torchvision_split(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    import torchvision.datasets as tvd
+
+    root = Path(cfg.root)
+    if cfg.name == "fashion_mnist":
+        prepare_fashion_mnist(root)
+    cls = {"fashion_mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[cfg.name]
+    try:
+        # CIFAR's files are pickles: torchvision unpickles them, so only point data.root at files you downloaded yourself.
+        ds = cls(str(root), train=train, download=cfg.download)
+    except RuntimeError as err:
+        hint = "install the Debian package dataset-fashion-mnist or " if cfg.name == "fashion_mnist" else ""
+        raise DatasetError(
+            f"{cfg.name} not found under '{root}' ({str(err).strip()}); {hint}set data.download=true with internet"
+        ) from None
+    data = torch.as_tensor(np.asarray(ds.data))
+    images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long), list(ds.classes)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class folders (sorted) and (file, label) pairs; refuses non-image files and missing or empty folders."""
+    if not split_dir.is_dir():
+        raise DatasetError(f"dataset folder '{split_dir}' not found; set data.root (and data.train_dir/val_dir)")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise DatasetError(f"dataset folder '{split_dir}' has no class folders; expected {split_dir}/<class>/<image>")
+    items: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        for f in sorted((split_dir / name).iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise DatasetError(f"'{f}' is not an image file; move it out of the class folder")
+                items.append((f, label))
+    if not items:
+        raise DatasetError(f"dataset folder '{split_dir}' has class folders but no images")
+    return classes, items
+
+
+def decode_image(data: bytes, where: str, size: int, channels: int) -> torch.Tensor:
+    """Encoded bytes -> uint8 [C, size, size] (shorter side resized, centre crop); a clear error on corrupt data."""
+    from torchvision.io import ImageReadMode, decode_image as tv_decode
+    from torchvision.transforms.v2 import functional as TF
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    try:
+        img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    except (RuntimeError, ValueError) as err:
+        raise DatasetError(f"corrupt or truncated image '{where}' ({str(err).strip()[:80]}); delete or replace it") from None
+    img = TF.resize(img, size, antialias=True)
+    return TF.center_crop(img, [size, size])
+
+
+def _folder_split(cfg: DataConfig, train: bool, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    split_dir = Path(cfg.root) / (cfg.train_dir if train else cfg.val_dir)
+    classes, items = scan_image_folder(split_dir)
+    channels = 3
+    images = torch.empty((len(items), channels, size, size), dtype=torch.uint8)
+    for i, (path, _) in enumerate(items):
+        images[i] = decode_image(path.read_bytes(), str(path), size, channels)
+    labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
+    return images, labels, classes
+
+
+def load_split(cfg: DataConfig, train: bool) -> ImageSet:
+    """Load a split of the configured dataset into memory as uint8 tensors."""
+    mean, std, native = STATS[cfg.name]
+    size = cfg.image_size or native
+    if cfg.name == "shards":
+        from sre2l_ray.data.shards import load_shard_split
+
+        images, labels, classes = load_shard_split(cfg, train, size)
+    elif cfg.name == "imagefolder":
+        images, labels, classes = _folder_split(cfg, train, size)
+    else:
+        images, labels, classes = _torchvision_split(cfg, train)
+        if images.shape[-1] != size:
+            images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+            images = images.round().clamp(0, 255).to(torch.uint8)
+    ds = ImageSet(images, labels, classes, mean, std)
+    limit = cfg.train_limit if train else cfg.val_limit
+    if limit is not None and limit < len(ds):
+        if train:
+            per_class = max(1, limit // ds.num_classes)
+            ds = ds.subset(stratified_indices(ds.labels, per_class, seed=1234, classes=classes))
+        else:
+            ds = ds.subset(torch.arange(limit))
+    return ds

@@ -1,0 +1,88 @@
+"""Build models by name, so configs, checkpoints and the CLI speak the same names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from sre2l_ray.models.convnet import ConvNet, TinyBN
+
+
+def _resnet(arch: str, small_stem: bool) -> Callable[..., nn.Module]:
+    def build(num_classes: int, in_channels: int = 3, image_size: int = 224, weights: str | None = None, **_: object) -> nn.Module:
+        tv_weights = weights if (weights and not Path(weights).suffix and not small_stem) else None
+        model = getattr(torchvision.models, arch)(weights=tv_weights)
+        if small_stem:
+            # 3x3 stride-1 stem, no max-pool: keeps spatial detail on <= 64 px inputs (CIFAR/Tiny-ImageNet recipes).
+            model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+            model.maxpool = nn.Identity()
+        elif in_channels != 3:
+            model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        if model.fc.out_features != num_classes:
+            model.fc = nn.Linear(model.fc.in_features, num_classes)
+        return model
+
+    return build
+
+
+def _convnet(num_classes: int, in_channels: int = 3, image_size: int = 32, depth: int = 3, width: int = 128, **_: object) -> nn.Module:
+    return ConvNet(num_classes, in_channels, image_size, depth, width)
+
+
+def _tiny(num_classes: int, in_channels: int = 3, image_size: int = 32, width: int = 8, **_: object) -> nn.Module:
+    return TinyBN(num_classes, in_channels, image_size, width=min(width, 16))
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "convnet": _convnet,
+    "tiny_bn": _tiny,
+    "resnet18": _resnet("resnet18", small_stem=True),
+    "resnet50": _resnet("resnet50", small_stem=True),
+    "tv_resnet18": _resnet("resnet18", small_stem=False),
+    "tv_resnet50": _resnet("resnet50", small_stem=False),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load weights from a local file without unpickling arbitrary objects; accepts our checkpoints too."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file '{p}' not found; check model.weights or squeeze.checkpoint")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    depth: int = 3,
+    width: int = 128,
+    weights: str | None = None,
+) -> nn.Module:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(list_models())}")
+    model = _REGISTRY[name](
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, depth=depth, width=width, weights=weights
+    )
+    if weights and Path(weights).suffix:
+        try:
+            model.load_state_dict(load_state_dict(weights))
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(
+                f"weights '{weights}' do not fit model '{name}' with {num_classes} classes ({first}); "
+                "point model.weights at a checkpoint of the same architecture and class count"
+            ) from None
+    return model

@@ -1,0 +1,299 @@
+"""The four stages as functions of a Config, each reading and writing under cfg.output_dir and resuming what is done.
+
+Every stage calls the pure-PyTorch cores in `stages/`; with `ray.enabled` the heavy part goes through the Ray layer
+in `distributed/` instead of running in this process. Outputs:
+
+    <output_dir>/config.yaml         resolved config
+    <output_dir>/teacher.pt          squeeze: teacher weights + its model config and val metrics
+    <output_dir>/synthetic/          recover: PNG ImageFolder + manifest (see data/synthetic.py)
+    <output_dir>/synthetic_grid.png  classes x ipc picture of the condensed set
+    <output_dir>/students/<name>/    relabel/evaluate: student weights and metrics
+    <output_dir>/results.json        top-1/top-5 per student, teacher accuracy, wall time and peak memory per stage
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
+from sre2l_ray.config import Config, to_yaml
+from sre2l_ray.data.datasets import ImageSet, load_split, stratified_indices, to_uint8
+from sre2l_ray.data.synthetic import SyntheticStore, atomic_write_bytes, atomic_write_json
+from sre2l_ray.models import create_model
+from sre2l_ray.runtime import StageStats, measure, resolve_device, set_threads
+from sre2l_ray.stages.evaluate import evaluate
+from sre2l_ray.stages.recover import BNStatHooks, plan_shards, prepare_teacher, recover_shard
+from sre2l_ray.stages.relabel import freeze, train_student
+from sre2l_ray.stages.squeeze import train_teacher
+from sre2l_ray.tracking import Tracker
+
+STAGES = ("squeeze", "recover", "relabel", "evaluate")
+
+
+def out_dir(cfg: Config) -> Path:
+    p = Path(cfg.output_dir)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _record_stage(cfg: Config, stage: str, stats: StageStats) -> None:
+    path = out_dir(cfg) / "stages.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[stage] = {"wall_s": round(stats.wall_s, 3), "peak_rss_mb": round(stats.peak_rss_mb, 1), "peak_cuda_mb": round(stats.peak_cuda_mb, 1), **stats.extra}
+    atomic_write_json(path, data)
+
+
+def teacher_path(cfg: Config) -> Path:
+    return out_dir(cfg) / "teacher.pt"
+
+
+def load_teacher(cfg: Config, device: torch.device, path: Path | None = None) -> nn.Module:
+    """Rebuild the teacher from teacher.pt (its own saved model config) and freeze it."""
+    state = load_checkpoint(path or teacher_path(cfg))
+    m = state["model_config"]
+    model = create_model(m["name"], int(state["num_classes"]), int(state["channels"]), int(state["size"]), depth=m["depth"], width=m["width"])
+    model.load_state_dict(state["model"])
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return freeze(model)
+
+
+def _setup(cfg: Config) -> torch.device:
+    set_threads(cfg.threads)
+    atomic_write_bytes(out_dir(cfg) / "config.yaml", to_yaml(cfg).encode())
+    return resolve_device(cfg.device)
+
+
+def run_squeeze(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]:
+    """Train (or import) the teacher; skipped when teacher.pt already matches this config."""
+    tracker = tracker or Tracker(cfg)
+    device = _setup(cfg)
+    path = teacher_path(cfg)
+    key = cfg.hash("seed", "data", "squeeze")
+    if path.is_file() and load_checkpoint(path).get("config_hash") == key:
+        return load_checkpoint(path)["metrics"]
+    with tracker.run("squeeze", nested=True), measure() as stats:
+        train, val = load_split(cfg.data, train=True), load_split(cfg.data, train=False)
+        if cfg.squeeze.checkpoint:
+            mc = cfg.squeeze.model.model_copy(update={"weights": cfg.squeeze.checkpoint})
+            model = create_model(mc.name, train.num_classes, train.channels, train.size, depth=mc.depth, width=mc.width, weights=mc.weights).to(device)
+            metrics = {f"val_{k}": v for k, v in evaluate(model, val, cfg.evaluate.batch_size, channels_last=False).items()}
+        else:
+            bar = tqdm(total=cfg.squeeze.epochs, desc="squeeze", unit="epoch")
+
+            def on_epoch(epoch: int, m: dict[str, float]) -> None:
+                tracker.log_metrics(m, step=epoch)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if k in ("loss", "val_top1")})
+
+            if cfg.ray.enabled:
+                from sre2l_ray.distributed.train import fit_teacher
+
+                model, metrics = fit_teacher(cfg, train, val, on_epoch)
+            else:
+                model, metrics = train_teacher(cfg, train, val, device, out_dir(cfg) / "squeeze", on_epoch)
+            bar.close()
+        save_checkpoint(
+            path, model=model.state_dict(), model_config=cfg.squeeze.model.model_dump(), num_classes=train.num_classes,
+            channels=train.channels, size=train.size, classes=train.classes, metrics=metrics, config_hash=key,
+        )
+        tracker.log_metrics({f"teacher_{k}": v for k, v in metrics.items()})
+    _record_stage(cfg, "squeeze", stats)
+    return metrics
+
+
+def synthetic_store(cfg: Config, classes: list[str]) -> SyntheticStore:
+    return SyntheticStore(out_dir(cfg), classes, cfg.recover.ipc, cfg.hash("seed", "data", "squeeze", "recover"), cfg.seed)
+
+
+def _teacher_meta(cfg: Config) -> dict[str, Any]:
+    path = teacher_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"no teacher at '{path}'; run `sre2l squeeze` (or the pipeline) first")
+    return load_checkpoint(path)
+
+
+def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list, device: torch.device, progress) -> None:
+    """Recover shards one after another in this process."""
+    from sre2l_ray.data.datasets import STATS
+
+    mean, std, _ = STATS[cfg.data.name]
+    teacher = prepare_teacher(load_teacher(cfg, device), cfg.recover)
+    ref = ImageSet(torch.empty(0), torch.empty(0), store.classes, mean, std)
+    bounds = ref.pixel_bounds(device)
+    shape = (int(meta["channels"]), int(meta["size"]), int(meta["size"]))
+    with BNStatHooks(teacher) as hooks:
+        for shard in todo:
+            images, log = recover_shard(teacher, hooks, shard, cfg.recover, cfg.seed, bounds, shape, cfg.channels_last, log_every=100)
+            store.write_shard(shard.id, [c for c, _ in shard.targets()], [k for _, k in shard.targets()], to_uint8(images, mean, std), {"final_loss": log[-1]})
+            progress(shard, log)
+
+
+def run_recover(cfg: Config, tracker: Tracker | None = None) -> Path:
+    """Synthesise classes x ipc images; shards already on disk are skipped."""
+    tracker = tracker or Tracker(cfg)
+    device = _setup(cfg)
+    meta = _teacher_meta(cfg)
+    store = synthetic_store(cfg, list(meta["classes"]))
+    store.open()
+    shards = plan_shards(int(meta["num_classes"]), cfg.recover)
+    done = store.done_shards()
+    todo = [s for s in shards if s.id not in done]
+    with tracker.run("recover", nested=True), measure() as stats:
+        bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="recover", unit="shard")
+        t0, n_img = time.perf_counter(), [0]
+
+        def progress(shard, log: list[dict[str, float]]) -> None:
+            n_img[0] += len(shard.targets())
+            bar.update(1)
+            bar.set_postfix(img_per_s=f"{n_img[0] / (time.perf_counter() - t0):.2f}", loss=f"{log[-1]['loss']:.3g}")
+            tracker.log_metrics({k: v for k, v in log[-1].items() if k != "step"}, step=bar.n)
+
+        if todo:
+            if cfg.ray.enabled:
+                from sre2l_ray.distributed.recover import recover_on_actors
+
+                recover_on_actors(cfg, store, meta, todo, progress)
+            else:
+                recover_local(cfg, store, meta, todo, device, progress)
+        bar.close()
+        store.finalize()
+        grid = save_grid(cfg, store)
+        tracker.log_artifact(grid)
+        tracker.log_artifact(store.manifest_path)
+    stats.extra["images"] = float(len(store.classes) * cfg.recover.ipc)
+    _record_stage(cfg, "recover", stats)
+    return store.root
+
+
+def save_grid(cfg: Config, store: SyntheticStore) -> Path:
+    """PNG grid: one row per class (at most 100 rows), one column per ipc index (at most 20)."""
+    from torchvision.io import encode_png
+    from torchvision.utils import make_grid
+
+    x, y = store.load()
+    keep = (y < 100) & (torch.arange(len(y)) % cfg.recover.ipc < 20)
+    cols = min(cfg.recover.ipc, 20)
+    grid = make_grid(x[keep], nrow=cols, padding=1, pad_value=255)
+    path = out_dir(cfg) / "synthetic_grid.png"
+    atomic_write_bytes(path, encode_png(grid).numpy().tobytes())
+    return path
+
+
+def _student(cfg: Config, name: str, data: ImageSet, teacher_soft: bool, tracker: Tracker, val: ImageSet) -> dict[str, float]:
+    """Train (or reuse) one student on `data` and evaluate it on the real val set."""
+    work = out_dir(cfg) / "students" / name
+    result_path = work / "metrics.json"
+    key = cfg.hash("seed", "data", "squeeze", "recover", "relabel")
+    if result_path.is_file():
+        done = json.loads(result_path.read_text())
+        if done.get("key") == key:
+            return done["metrics"]
+    device = resolve_device(cfg.device)
+    with tracker.run(f"relabel:{name}", nested=True, log_config=False):
+        bar = tqdm(total=cfg.relabel.epochs, desc=f"student {name}", unit="epoch")
+
+        def on_epoch(epoch: int, m: dict[str, float]) -> None:
+            bar.update(1)
+            if epoch % max(1, cfg.relabel.epochs // 50) == 0 or epoch == cfg.relabel.epochs - 1:
+                tracker.log_metrics(m, step=epoch)
+
+        if cfg.ray.enabled:
+            from sre2l_ray.distributed.train import fit_student
+
+            student = fit_student(cfg, data, teacher_path(cfg) if teacher_soft else None, name, on_epoch)
+        else:
+            teacher = load_teacher(cfg, device) if teacher_soft else None
+            student = train_student(cfg, data, teacher, device, work, on_epoch)
+        bar.close()
+        metrics = evaluate(student, val, cfg.evaluate.batch_size, cfg.channels_last)
+        tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()})
+    save_checkpoint(work / "model.pt", model=student.state_dict(), model_config=cfg.relabel.model.model_dump(), metrics=metrics)
+    atomic_write_json(result_path, {"key": key, "metrics": metrics, "images": len(data)})
+    return metrics
+
+
+def run_relabel(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]:
+    """Train the SRe2L student on the synthetic set with the teacher's soft labels; evaluate it on real val."""
+    tracker = tracker or Tracker(cfg)
+    _setup(cfg)
+    meta = _teacher_meta(cfg)
+    from sre2l_ray.data.datasets import STATS
+
+    mean, std, _ = STATS[cfg.data.name]
+    store = synthetic_store(cfg, list(meta["classes"]))
+    with measure() as stats:
+        synthetic = store.as_image_set(mean, std)
+        val = load_split(cfg.data, train=False)
+        metrics = _student(cfg, "sre2l", synthetic, True, tracker, val)
+    _record_stage(cfg, "relabel", stats)
+    return metrics
+
+
+def run_evaluate(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Evaluate the SRe2L student and train/evaluate the real-subset baselines; writes results.json."""
+    tracker = tracker or Tracker(cfg)
+    _setup(cfg)
+    meta = _teacher_meta(cfg)
+    students: dict[str, dict[str, float]] = {}
+    with tracker.run("evaluate", nested=True, log_config=False), measure() as stats:
+        val = load_split(cfg.data, train=False)
+        sre2l = out_dir(cfg) / "students" / "sre2l" / "metrics.json"
+        if not sre2l.is_file():
+            raise FileNotFoundError(f"no SRe2L student at '{sre2l.parent}'; run `sre2l relabel` first")
+        students["sre2l"] = json.loads(sre2l.read_text())["metrics"]
+        if cfg.evaluate.baselines:
+            train = load_split(cfg.data, train=True)
+            subset = train.subset(stratified_indices(train.labels, cfg.recover.ipc, cfg.seed, train.classes))
+            students["real_soft"] = _student(cfg, "real_soft", subset, True, tracker, val)
+            students["real_hard"] = _student(cfg, "real_hard", subset, False, tracker, val)
+        for name, m in students.items():
+            tracker.log_metrics({f"{name}_{k}": v for k, v in m.items()})
+    _record_stage(cfg, "evaluate", stats)
+    stages = json.loads((out_dir(cfg) / "stages.json").read_text())
+    results = {
+        "dataset": cfg.data.name,
+        "ipc": cfg.recover.ipc,
+        "teacher": meta["metrics"],
+        "students": students,
+        "stages": stages,
+        "config_hash": cfg.hash(),
+    }
+    atomic_write_json(out_dir(cfg) / "results.json", results)
+    tracker.log_artifact(out_dir(cfg) / "results.json")
+    return results
+
+
+def run_pipeline(cfg: Config) -> dict[str, Any]:
+    """Squeeze -> recover -> relabel -> evaluate under one parent MLflow run; each stage resumes what is done."""
+    tracker = Tracker(cfg)
+    with tracker.run("pipeline"):
+        run_squeeze(cfg, tracker)
+        run_recover(cfg, tracker)
+        run_relabel(cfg, tracker)
+        results = run_evaluate(cfg, tracker)
+        tracker.log_artifact(out_dir(cfg) / "synthetic_grid.png")
+    return results
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The final table the CLI prints: one row per student, then per-stage time and memory."""
+    lines = [f"{results['dataset']} IPC {results['ipc']}   teacher top-1 {results['teacher'].get('val_top1', float('nan')):.2f}%", ""]
+    lines.append(f"{'student':<12}{'top-1 %':>10}{'top-5 %':>10}")
+    labels = {"sre2l": "SRe2L", "real_soft": "real+soft", "real_hard": "real hard"}
+    for name, m in results["students"].items():
+        lines.append(f"{labels.get(name, name):<12}{m['top1']:>10.2f}{m['top5']:>10.2f}")
+    lines.append("")
+    lines.append(f"{'stage':<12}{'wall s':>10}{'peak MB':>10}")
+    for stage in [s for s in STAGES if s in results["stages"]]:
+        s = results["stages"][stage]
+        lines.append(f"{stage:<12}{s['wall_s']:>10.1f}{s['peak_rss_mb']:>10.0f}")
+    return "\n".join(lines)

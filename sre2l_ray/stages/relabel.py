@@ -1,0 +1,104 @@
+"""Relabel: a fresh student learns the teacher's temperature-softened outputs on random views of the condensed set.
+
+Online mode (default): the teacher labels exactly the view the student sees, in the same step. The same loop trains
+the baselines: a real subset with the same soft labels, or with hard labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
+from sre2l_ray.config import Config
+from sre2l_ray.data.augment import ViewPlan
+from sre2l_ray.data.datasets import ImageSet
+from sre2l_ray.stages.training import LossFn, build_model, hard_label_loss, lr_schedule, steps_per_epoch, train_epoch
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened distributions, averaged over the batch."""
+    return F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits.float() / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def online_soft_loss(teacher: nn.Module, temperature: float) -> LossFn:
+    """The teacher (frozen, eval mode) labels the very views the student is trained on."""
+
+    def loss(logits: torch.Tensor, views: torch.Tensor, index: torch.Tensor, plan: ViewPlan) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(views)
+        return kd_loss(logits, teacher_logits, temperature)
+
+    return loss
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def make_optimizer(cfg: Config, model: nn.Module, n_items: int, world: int = 1):
+    rl = cfg.relabel
+    opt = torch.optim.AdamW(model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay)
+    sched = lr_schedule(opt, "cosine", rl.epochs * steps_per_epoch(n_items, rl.batch_size, world))
+    return opt, sched
+
+
+def student_loss(cfg: Config, data: ImageSet, teacher: nn.Module | None) -> LossFn:
+    """Soft labels from the teacher when given one, else hard labels (the hard-label baseline)."""
+    if teacher is None:
+        return hard_label_loss(data.labels)
+    return online_soft_loss(teacher, cfg.relabel.temperature)
+
+
+def relabel_epoch(cfg: Config, model: nn.Module, opt, sched, data: ImageSet, loss: LossFn, epoch: int, rank: int = 0, world: int = 1) -> dict[str, float]:
+    rl = cfg.relabel
+    return train_epoch(
+        model, opt, sched, data, loss, epoch=epoch, seed=cfg.seed, batch_size=rl.batch_size, aug=rl.augment,
+        cutmix=rl.cutmix, rank=rank, world=world, channels_last=cfg.channels_last,
+    )
+
+
+def train_student(
+    cfg: Config,
+    data: ImageSet,
+    teacher: nn.Module | None,
+    device: torch.device,
+    work_dir: Path,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    loss: LossFn | None = None,
+) -> nn.Module:
+    """Train a fresh student in-process; checkpoints to work_dir/last.pt every few epochs and resumes from it."""
+    student = build_model(cfg.relabel.model, data, device, cfg.channels_last)
+    opt, sched = make_optimizer(cfg, student, len(data))
+    ckpt = work_dir / "last.pt"
+    key = cfg.hash("seed", "relabel") + str(len(data))
+    start = 0
+    if ckpt.is_file():
+        state = load_checkpoint(ckpt)
+        if state.get("key") == key:
+            student.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start = int(state["epoch"]) + 1
+    data = data.to(device)
+    loss = loss or student_loss(cfg, data, teacher)
+    every = max(1, cfg.relabel.epochs // 10)
+    for epoch in range(start, cfg.relabel.epochs):
+        metrics = relabel_epoch(cfg, student, opt, sched, data, loss, epoch)
+        if (epoch + 1) % every == 0 or epoch == cfg.relabel.epochs - 1:
+            save_checkpoint(ckpt, model=student.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, key=key)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return student
