@@ -56,6 +56,19 @@ COMMANDS: dict[str, tuple[Callable[[Config], object], str]] = {
 }
 
 
+def _shard(ns: argparse.Namespace) -> int:
+    from sre2l_ray.distributed.shard import shard_on_ray
+
+    out = shard_on_ray(ns.src, ns.dst, ns.shard_mb, ns.strict, ns.address)
+    counts = {k: v["count"] for k, v in out["manifest"]["splits"].items()}
+    print(f"shards: {out['written']} written, {out['reused']} already done; images {counts}; manifest {ns.dst}/manifest.json")
+    if out["skipped"]:
+        print(f"skipped {len(out['skipped'])} corrupt image(s), listed in {ns.dst}/report.json:", file=sys.stderr)
+        for s in out["skipped"][:20]:
+            print(f"  {s['path']}: {s['error']}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sre2l", description="SRe2L dataset condensation on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,9 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["show"])
     p.add_argument("--config", default=None)
     p.add_argument("args", nargs="*")
-    ns = parser.parse_args(argv)
+    p = sub.add_parser("shard", help="turn an ImageFolder (SRC/train, SRC/val) into parquet shards at DST, on Ray")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--shard-mb", type=float, default=256, help="source bytes per shard (default 256)")
+    p.add_argument("--strict", action="store_true", help="fail on corrupt images instead of skipping and reporting them")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    # Overrides may follow options (`config show --config X a.b=1`): collect stray key=value words as overrides.
+    ns, stray = parser.parse_known_args(argv)
+    unknown = [w for w in stray if "=" not in w or w.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if stray:
+        ns.args = list(getattr(ns, "args", [])) + stray
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
+        if ns.command == "shard":
+            return _shard(ns)
         cfg = parse_config_args(ns.args, ns.config)
         if ns.command == "config":
             _config_show(cfg)

@@ -161,11 +161,16 @@ class RayConfig(_Group):
 
 class TuneConfig(_Group):
     num_samples: int = Field(4, ge=1)
+    """Trials (random/optuna); grid search over only `grid`/`choice` keys runs the full grid once."""
     search: Literal["grid", "random", "optuna"] = "random"
     space: dict[str, Any] = Field(default_factory=dict)
-    """Dotted config key -> {"choice": [...]} | {"uniform": [lo, hi]} | {"grid": [...]}."""
+    """Dotted config key -> {"choice": [...]} | {"uniform": [lo, hi]} | {"grid": [...]}; empty = crop scale and
+    temperature (see distributed/tune.py DEFAULT_SPACE)."""
     max_concurrent: int | None = Field(None, ge=1)
+    """Trials at once; None = cluster CPUs // cpus_per_trial."""
+    cpus_per_trial: float = Field(1.0, gt=0)
     asha: bool = True
+    """ASHA early stopping on relabel epochs (val top-1)."""
 
 
 class Config(_Group):

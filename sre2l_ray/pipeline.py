@@ -281,6 +281,10 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         run_relabel(cfg, tracker)
         results = run_evaluate(cfg, tracker)
         tracker.log_artifact(out_dir(cfg) / "synthetic_grid.png")
+        tracker.log_artifact(out_dir(cfg) / "synthetic" / "manifest.json")
+        # Headline numbers on the parent too, so `sre2l compare` finds one row per pipeline.
+        tracker.log_metrics({f"{name}_{k}": v for name, m in results["students"].items() for k, v in m.items()})
+        tracker.log_metrics({f"teacher_{k}": v for k, v in results["teacher"].items()})
     return results
 
 

@@ -1,9 +1,16 @@
-"""MLflow tracking: a pipeline is a parent run with one nested run per stage; params are the flattened config."""
+"""MLflow tracking: a pipeline is a parent run with one nested run per stage; params are the flattened config.
+
+Every run also gets `config.yaml` (the resolved config) and, when metrics were logged per step, `curves.png`
+(training curves). The store is `tracking.uri`: `sqlite:///mlflow.db` by default, or any http(s) MLflow server,
+which is probed first so a server that is down fails in seconds with one line instead of minutes of retries.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,12 +20,58 @@ from sre2l_ray.config import Config, flatten, to_yaml
 _SECRET_WORDS = ("token", "password", "secret", "key_id", "access_key")
 
 
-def _safe_params(cfg: Config) -> dict[str, str]:
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the fix."""
+
+
+def safe_params(cfg: Config) -> dict[str, str]:
     """Flattened config for MLflow; values of secret-looking keys are never logged."""
     out = {}
     for k, v in flatten(cfg).items():
         out[k] = "***" if any(w in k.lower() for w in _SECRET_WORDS) else str(v)[:500]
     return out
+
+
+def configure_mlflow_env() -> None:
+    """Few, short HTTP retries: mlflow's defaults (7 retries, 120 s timeout) turn a dead server into a long hang."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
+    """Raise TrackingError at once when an http(s) tracking server does not answer; other URIs pass."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered (auth or an old server without /health): reachable
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"MLflow server '{uri}' is unreachable ({reason}); start it (`mlflow server --host 127.0.0.1 --port "
+            f"5000 --backend-store-uri sqlite:///mlflow.db`), fix tracking.uri, or set tracking.enabled=false"
+        ) from None
+
+
+def connect(uri: str, experiment: str):
+    """Point mlflow at `uri` and select `experiment`; returns the mlflow module or raises TrackingError."""
+    configure_mlflow_env()
+    check_tracking_uri(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment)
+    except Exception as err:  # noqa: BLE001 - mlflow raises many kinds for an unusable store
+        raise TrackingError(
+            f"MLflow tracking store '{uri}' is unusable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            "fix tracking.uri or set tracking.enabled=false"
+        ) from None
+    return mlflow
 
 
 class Tracker:
@@ -27,20 +80,8 @@ class Tracker:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.enabled = cfg.tracking.enabled
-        self._mlflow = None
-        if self.enabled:
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            import mlflow
-
-            mlflow.set_tracking_uri(cfg.tracking.uri)
-            try:
-                mlflow.set_experiment(cfg.tracking.experiment)
-            except Exception as err:  # noqa: BLE001 - mlflow raises many kinds for an unreachable store
-                raise RuntimeError(
-                    f"MLflow tracking store '{cfg.tracking.uri}' is unreachable ({type(err).__name__}); "
-                    "start the server, fix tracking.uri, or set tracking.enabled=false"
-                ) from None
-            self._mlflow = mlflow
+        self._mlflow = connect(cfg.tracking.uri, cfg.tracking.experiment) if self.enabled else None
+        self._history: list[dict[str, list[tuple[int, float]]]] = []  # one per open run, innermost last
 
     @contextmanager
     def run(self, name: str, nested: bool = False, log_config: bool = True) -> Iterator[Tracker]:
@@ -51,9 +92,25 @@ class Tracker:
         with mlflow.start_run(run_name=name, nested=nested):
             mlflow.set_tag("stage", name)
             if log_config:
-                mlflow.log_params(_safe_params(self.cfg))
+                mlflow.log_params(safe_params(self.cfg))
                 self.log_text(to_yaml(self.cfg), "config.yaml")
-            yield self
+            self._history.append({})
+            try:
+                yield self
+                self._log_curves(name)
+            finally:
+                self._history.pop()
+
+    def _log_curves(self, name: str) -> None:
+        history = self._history[-1]
+        if not history:
+            return
+        from sre2l_ray.plots import training_curves
+
+        with tempfile.TemporaryDirectory() as d:
+            path = training_curves(history, Path(d) / "curves.png", title=name)
+            if path is not None:
+                self._mlflow.log_artifact(str(path))
 
     def run_id(self) -> str | None:
         if not self.enabled:
@@ -65,6 +122,9 @@ class Tracker:
         if self.enabled:
             clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self._mlflow.log_metrics(clean, step=step)
+            if step is not None and self._history:
+                for k, v in clean.items():
+                    self._history[-1].setdefault(k, []).append((step, v))
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.enabled and Path(path).exists():

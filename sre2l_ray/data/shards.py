@@ -1,0 +1,258 @@
+"""ImageFolder <-> parquet shards of the original encoded image bytes (pure pyarrow + torch, no Ray here).
+
+Layout written by `shard_image_folder` (the Ray job in distributed/shard.py only supplies a parallel `map`):
+
+    <dst>/manifest.json            classes, per-split counts and shard files; written last, so it marks a finished run
+    <dst>/<split>/shard-00000.parquet
+    <dst>/report.json              images skipped as corrupt or unreadable, by source path
+
+Each row holds `image` (the source file's bytes, never re-encoded), `label`, `class_name`, `path` (relative to the
+split folder) and `index` (position in the sorted file list of the split). Shard assignment depends only on the
+sorted file list and sizes, so a rerun plans the same shards; a shard whose file already carries the same plan key
+in its parquet metadata is skipped, anything else (missing, truncated, from another plan) is rewritten through a
+temp file + rename. Shard files are named by number only: class names never reach a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from sre2l_ray.config import DataConfig
+from sre2l_ray.data.datasets import DatasetError, decode_image, scan_image_folder
+from sre2l_ray.data.synthetic import atomic_write_json
+
+FORMAT = "sre2l-shards/1"
+SCHEMA = pa.schema(
+    [
+        ("image", pa.binary()),
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("path", pa.string()),
+        ("index", pa.int64()),
+    ]
+)
+_PLAN_KEY = b"sre2l_plan"
+
+
+@dataclass
+class ShardPlan:
+    """One output shard: which source files go in it, and a key that changes when any of them changes."""
+
+    split: str
+    number: int
+    src_root: str
+    files: list[tuple[str, int, int, int]]  # (relative path, label, index, size in bytes)
+    classes: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/shard-{self.number:05d}.parquet"
+
+    @property
+    def key(self) -> str:
+        h = hashlib.sha256(json.dumps([FORMAT, self.classes, self.files]).encode())
+        return h.hexdigest()[:24]
+
+
+@dataclass
+class ShardResult:
+    name: str
+    rows: int
+    bytes: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    written: bool = True
+
+
+def plan_split(src: Path, split: str, shard_bytes: int) -> tuple[list[str], list[ShardPlan]]:
+    """Cut the sorted file list of src/split into consecutive runs of about `shard_bytes` source bytes."""
+    split_dir = src / split
+    classes, items = scan_image_folder(split_dir)
+    plans: list[ShardPlan] = []
+    cur: list[tuple[str, int, int, int]] = []
+    cur_bytes = 0
+    for index, (path, label) in enumerate(items):
+        size = path.stat().st_size
+        if cur and cur_bytes + size > shard_bytes:
+            plans.append(ShardPlan(split, len(plans), str(src), cur, classes))
+            cur, cur_bytes = [], 0
+        cur.append((path.relative_to(split_dir).as_posix(), label, index, size))
+        cur_bytes += size
+    if cur:
+        plans.append(ShardPlan(split, len(plans), str(src), cur, classes))
+    return classes, plans
+
+
+def shard_is_done(path: Path, key: str) -> ShardResult | None:
+    """The finished shard at `path` when it is readable and was written for this plan key, else None."""
+    try:
+        meta = pq.read_metadata(path)
+    except (OSError, pa.ArrowException):
+        return None
+    kv = meta.metadata or {}
+    if kv.get(_PLAN_KEY, b"").decode() != key:
+        return None
+    skipped = json.loads(kv.get(b"sre2l_skipped", b"[]"))
+    return ShardResult(path.name, meta.num_rows, path.stat().st_size, skipped, written=False)
+
+
+def validate_image(data: bytes) -> str | None:
+    """None when torchvision can decode the bytes, else the decoder's message."""
+    from torchvision.io import ImageReadMode, decode_image as tv_decode
+
+    try:
+        tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as err:
+        return str(err).strip().splitlines()[0][:120] or type(err).__name__
+    return None
+
+
+def write_shard(plan: ShardPlan, dst: str, strict: bool = False) -> ShardResult:
+    """Write one shard (skipped when already finished); corrupt images are reported, or raise with `strict`."""
+    out = Path(dst) / plan.name
+    done = shard_is_done(out, plan.key)
+    if done is not None:
+        return done
+    split_dir = Path(plan.src_root) / plan.split
+    rows: dict[str, list[Any]] = {n: [] for n in SCHEMA.names}
+    skipped: list[dict[str, str]] = []
+    for rel, label, index, _ in plan.files:
+        try:
+            data = (split_dir / rel).read_bytes()
+            err = validate_image(data)
+        except OSError as e:
+            err = f"unreadable ({e.strerror or e})"
+        if err is not None:
+            skipped.append({"path": f"{plan.split}/{rel}", "error": err})
+            continue
+        for name, value in zip(SCHEMA.names, (data, label, plan.classes[label], rel, index)):
+            rows[name].append(value)
+    if skipped and strict:
+        listing = "; ".join(f"{s['path']}: {s['error']}" for s in skipped[:5])
+        raise DatasetError(f"{len(skipped)} corrupt or unreadable image(s) under '{split_dir}' ({listing}); fix or remove them, or drop --strict to skip them")
+    table = pa.Table.from_pydict(rows, schema=SCHEMA).replace_schema_metadata(
+        {_PLAN_KEY: plan.key.encode(), b"sre2l_skipped": json.dumps(skipped).encode()}
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        # Images are already compressed: parquet compression would only cost CPU. Small row groups keep reads streaming.
+        pq.write_table(table, tmp, compression="none", row_group_size=256)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ShardResult(out.name, table.num_rows, out.stat().st_size, skipped)
+
+
+def shard_image_folder(
+    src: str | Path,
+    dst: str | Path,
+    shard_mb: float = 256,
+    strict: bool = False,
+    splits: Iterable[str] = ("train", "val"),
+    map_fn: Callable[[Callable[[ShardPlan], ShardResult], list[ShardPlan]], Iterable[ShardResult]] = map,
+) -> dict[str, Any]:
+    """Shard every split of an ImageFolder; `map_fn` runs `write_shard` over the plans (Ray in distributed/shard.py)."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise DatasetError(f"source folder '{src}' not found; pass an ImageFolder root with train/ and val/ inside")
+    present = [s for s in splits if (src / s).is_dir()]
+    if not present:
+        raise DatasetError(f"'{src}' has none of the split folders {list(splits)}; expected {src}/train/<class>/<image>")
+    plans: list[ShardPlan] = []
+    classes: list[str] | None = None
+    for split in present:
+        split_classes, split_plans = plan_split(src, split, max(1, int(shard_mb * 2**20)))
+        if classes is not None and split_classes != classes:
+            raise DatasetError(f"'{src}/{split}' has different class folders than '{src}/{present[0]}'; make them match")
+        classes = split_classes
+        plans.extend(split_plans)
+    # Manifest last: while it is missing or stale, readers refuse the folder.
+    (dst / "manifest.json").unlink(missing_ok=True)
+    results = list(map_fn(lambda p: write_shard(p, str(dst), strict), plans))
+    manifest: dict[str, Any] = {"format": FORMAT, "classes": classes, "splits": {}}
+    skipped: list[dict[str, str]] = []
+    for split in present:
+        mine = [(p, r) for p, r in zip(plans, results) if p.split == split]
+        manifest["splits"][split] = {
+            "count": sum(r.rows for _, r in mine),
+            "shards": [{"file": p.name, "rows": r.rows, "bytes": r.bytes} for p, r in mine],
+        }
+        skipped.extend(s for _, r in mine for s in r.skipped)
+    atomic_write_json(dst / "report.json", {"skipped": skipped})
+    atomic_write_json(dst / "manifest.json", manifest)
+    return {
+        "manifest": manifest,
+        "skipped": skipped,
+        "written": sum(r.written for r in results),
+        "reused": sum(not r.written for r in results),
+    }
+
+
+# ---- reading -------------------------------------------------------------------------------------------------------
+
+
+def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local folder or a URI (file://, s3://, gs://, hdfs://...)."""
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    return pafs.LocalFileSystem(), str(Path(root).resolve())
+
+
+def read_manifest(root: str) -> dict[str, Any]:
+    fs, base = filesystem(root)
+    try:
+        with fs.open_input_stream(f"{base}/manifest.json") as f:
+            manifest = json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        raise DatasetError(f"no shard manifest at '{root}/manifest.json'; run `sre2l shard SRC {root}` (it is written last)") from None
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(f"'{root}/manifest.json' is not a {FORMAT} manifest; reshard with `sre2l shard`")
+    return manifest
+
+
+def shard_files(root: str, split: str) -> list[str]:
+    """Shard file paths of a split, as listed in the manifest (URIs stay URIs)."""
+    manifest = read_manifest(root)
+    if split not in manifest["splits"]:
+        raise DatasetError(f"shards at '{root}' have no split '{split}' (have {sorted(manifest['splits'])}); set data.train_dir/val_dir")
+    base = root.rstrip("/") if "://" in root else str(Path(root).resolve())
+    return [f"{base}/{s['file']}" for s in manifest["splits"][split]["shards"]]
+
+
+def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
+    """One shard as a table; a missing, truncated or foreign file is a clear error naming the fix."""
+    fs, p = filesystem(path)
+    try:
+        return pq.read_table(p, filesystem=fs, columns=columns)
+    except (OSError, pa.ArrowException) as err:
+        raise DatasetError(
+            f"shard '{path}' is missing, truncated or corrupt ({str(err).splitlines()[0][:80]}); rerun `sre2l shard` to rewrite it"
+        ) from None
+
+
+def load_shard_split(cfg: DataConfig, train: bool, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode a whole split into memory (small sets): uint8 [N, 3, size, size] in source order, labels, classes."""
+    split = cfg.train_dir if train else cfg.val_dir
+    classes = read_manifest(cfg.root)["classes"]
+    tables = [read_shard(f) for f in shard_files(cfg.root, split)]
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    table = table.sort_by("index")
+    images = torch.empty((table.num_rows, 3, size, size), dtype=torch.uint8)
+    paths = table.column("path").to_pylist()
+    for i, data in enumerate(table.column("image").to_pylist()):
+        images[i] = decode_image(data, f"{split}/{paths[i]}", size, 3)
+    labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.long)
+    return images, labels, list(classes)

@@ -1,0 +1,125 @@
+"""Recovery on Ray actors: each actor loads the teacher once and recovers the shards the driver hands it.
+
+Scheduling: the driver keeps exactly one shard in flight per actor and hands the next one to whichever actor
+finishes first (`ray.wait`), so faster actors take more shards. The actor writes each finished shard itself with
+`SyntheticStore.write_shard` (PNGs renamed into place, completion marker last), and the driver reports it through
+the pipeline's `progress` callback (shards done/total, images/s and ETA on its bar). An actor that dies (killed,
+crashed, node lost) is replaced by a fresh one and its unfinished shard goes back to the head of the queue; since a
+shard's images depend only on the config, seed and shard, redoing it yields the same files, so the run ends with
+exactly classes x ipc images, each written once per path. A shard that fails more than `ray.max_failures` times
+stops the run. A rerun skips shards with a marker (the pipeline passes only the unfinished ones as `todo`).
+
+`recover.classes_per_batch` decides how shards are cut: it is how many classes share one BN-matching batch. The BN
+loss compares the batch's per-channel mean and variance with the teacher's running statistics, which were gathered
+over all classes, so the paper puts every class in one batch (None, the default). Smaller values give more,
+smaller shards (more parallelism, less memory per actor) but each batch then matches whole-dataset statistics with
+only a subset of classes, which changes what the images are pushed towards; `ipc_per_batch` adds ipc indices to a
+batch without that effect.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import deque
+from typing import Any, Callable
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from sre2l_ray.config import Config
+from sre2l_ray.data.datasets import STATS, ImageSet, to_uint8
+from sre2l_ray.data.synthetic import SyntheticStore
+from sre2l_ray.distributed.cluster import ensure_ray, threads_for, use_gpu
+from sre2l_ray.runtime import resolve_device, set_threads
+from sre2l_ray.stages.recover import BNStatHooks, Shard, prepare_teacher, recover_shard
+
+ACTOR_PREFIX = "sre2l-recover"
+
+
+class ShardRecoverer:
+    """One recovery worker: the frozen teacher with its BN hooks, built once, then any number of shards."""
+
+    def __init__(self, cfg_dump: dict[str, Any], store: SyntheticStore, meta: dict[str, Any], threads: int):
+        from sre2l_ray.pipeline import load_teacher
+
+        self.cfg = Config.model_validate(cfg_dump)
+        set_threads(threads)
+        device = resolve_device(self.cfg.device)
+        self.store = store
+        self.mean, self.std, _ = STATS[self.cfg.data.name]
+        self.teacher = prepare_teacher(load_teacher(self.cfg, device), self.cfg.recover)
+        self.hooks = BNStatHooks(self.teacher)
+        self.bounds = ImageSet(torch.empty(0), torch.empty(0), store.classes, self.mean, self.std).pixel_bounds(device)
+        self.shape = (int(meta["channels"]), int(meta["size"]), int(meta["size"]))
+
+    def run(self, shard: Shard, attempt: int) -> list[dict[str, float]]:
+        """Recover one shard, write it (marker last), return its loss log."""
+        images, log = recover_shard(
+            self.teacher, self.hooks, shard, self.cfg.recover, self.cfg.seed, self.bounds, self.shape, self.cfg.channels_last, log_every=100
+        )
+        targets = shard.targets()
+        info = {"final_loss": log[-1], "attempt": attempt, "pid": os.getpid()}
+        self.store.write_shard(shard.id, [c for c, _ in targets], [k for _, k in targets], to_uint8(images, self.mean, self.std), info)
+        return log
+
+
+RecoverActor = ray.remote(ShardRecoverer)
+
+
+def recover_on_actors(
+    cfg: Config,
+    store: SyntheticStore,
+    meta: dict[str, Any],
+    todo: list[Shard],
+    progress: Callable[[Shard, list[dict[str, float]]], None],
+) -> None:
+    """Recover `todo` on min(ray.num_actors, len(todo)) actors; returns when every shard is written."""
+    ensure_ray(cfg)
+    gpu = use_gpu(cfg)
+    run_tag = uuid.uuid4().hex[:8]
+    spawned = [0]
+    meta_small = {"channels": meta["channels"], "size": meta["size"]}  # not the teacher weights
+
+    def spawn():
+        spawned[0] += 1
+        # Named so tests and operators can find (and kill) them: sre2l-recover-<run>-<n>.
+        return RecoverActor.options(
+            name=f"{ACTOR_PREFIX}-{run_tag}-{spawned[0]}", num_cpus=cfg.ray.cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=0
+        ).remote(cfg.model_dump(mode="json"), store, meta_small, threads_for(cfg.ray.cpus_per_actor))
+
+    queue: deque[tuple[Shard, int]] = deque((s, 1) for s in todo)
+    in_flight: dict[ray.ObjectRef, tuple[Any, Shard, int]] = {}
+
+    def hand_out(actor: Any) -> None:
+        if queue:
+            shard, attempt = queue.popleft()
+            in_flight[actor.run.remote(shard, attempt)] = (actor, shard, attempt)
+
+    actors = [spawn() for _ in range(min(cfg.ray.num_actors, len(todo)))]
+    try:
+        for actor in actors:
+            hand_out(actor)
+        while in_flight:
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            actor, shard, attempt = in_flight.pop(ref)
+            try:
+                log = ray.get(ref)
+            except RayActorError as err:
+                if attempt > cfg.ray.max_failures:
+                    raise RuntimeError(
+                        f"recovery shard {shard.id} lost its actor {attempt} times (last: {str(err).splitlines()[0][:200]}); "
+                        "check the actor logs, raise ray.max_failures, or rerun to continue"
+                    ) from err
+                queue.appendleft((shard, attempt + 1))
+                actors.remove(actor)
+                ray.kill(actor, no_restart=True)
+                actor = spawn()
+                actors.append(actor)
+            else:
+                progress(shard, log)
+            hand_out(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)

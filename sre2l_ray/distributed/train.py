@@ -1,0 +1,177 @@
+"""Squeeze and relabel training on Ray Train: a TorchTrainer whose workers run the per-epoch cores with DDP.
+
+Each worker builds the model, wraps it with `ray.train.torch.prepare_model` (DDP when there are several workers;
+the frozen relabel teacher is never wrapped), and runs `squeeze_epoch` / `relabel_epoch` on its rank's share of
+each epoch. Every epoch ends with `ray.train.report(metrics, checkpoint)`; the checkpoint holds model, optimizer,
+scheduler, epoch and the metrics history. The run is named from the stage and a hash of the config sections that
+decide its result, under `ray.storage_path` (default <output_dir>/ray), so rerunning the same stage resumes from the
+last checkpoint, and `FailureConfig(max_failures)` replaces a worker that dies and continues from that checkpoint.
+
+Test hook: when the driver's environment has SRE2L_FAULT_FILE=<path> and that file exists, rank 0 deletes it and
+raises once at the start of the next epoch after the first checkpoint; tests use it to prove resumption.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
+from torch import nn
+
+from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
+from sre2l_ray.config import Config
+from sre2l_ray.data.datasets import ImageSet
+from sre2l_ray.distributed.cluster import ensure_ray, threads_for, use_gpu
+from sre2l_ray.runtime import resolve_device, set_threads
+from sre2l_ray.stages import relabel, squeeze
+from sre2l_ray.stages.evaluate import evaluate
+from sre2l_ray.stages.training import build_model
+
+OnEpoch = Callable[[int, dict[str, float]], None]
+FAULT_ENV = "SRE2L_FAULT_FILE"
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished Ray Train run leaves: final weights, per-epoch metrics, and the start epoch of each attempt."""
+
+    model_state: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    attempts: list[int]
+    world: int
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    cfg = Config.model_validate(config["cfg"])
+    kind: str = config["kind"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    set_threads(threads_for(config["cpus"]))
+    device = get_device()
+    data: ImageSet = ray.get(config["data"]).to(device)
+    core = squeeze if kind == "squeeze" else relabel
+    model_cfg = cfg.squeeze.model if kind == "squeeze" else cfg.relabel.model
+    model = prepare_model(build_model(model_cfg, data, device, cfg.channels_last))
+    opt, sched = core.make_optimizer(cfg, model, len(data), world)
+    epochs = cfg.squeeze.epochs if kind == "squeeze" else cfg.relabel.epochs
+
+    start, history, attempts = 0, [], []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(Path(d) / STATE_FILE)
+        # DDP checkpoints are saved unwrapped, so they load into either form.
+        getattr(model, "module", model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history, attempts = int(state["epoch"]) + 1, list(state["history"]), list(state["attempts"])
+    attempts.append(start)
+
+    if kind == "squeeze":
+        step = lambda epoch: squeeze.squeeze_epoch(cfg, model, opt, sched, data, epoch, rank, world)  # noqa: E731
+    else:
+        from sre2l_ray.pipeline import load_teacher
+
+        teacher = load_teacher(cfg, device, Path(config["teacher"])) if config["teacher"] else None
+        loss = relabel.student_loss(cfg, data, teacher)
+        step = lambda epoch: relabel.relabel_epoch(cfg, model, opt, sched, data, loss, epoch, rank, world)  # noqa: E731
+
+    fault = config.get("fault_file")
+    for epoch in range(start, epochs):
+        if fault and rank == 0 and epoch > 0 and Path(fault).exists():
+            Path(fault).unlink()
+            raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV})")
+        metrics = step(epoch)
+        if kind == "squeeze" and rank == 0 and epoch == epochs - 1 and config["val"] is not None:
+            val = ray.get(config["val"])
+            scores = evaluate(getattr(model, "module", model), val, cfg.evaluate.batch_size, cfg.channels_last)
+            metrics.update({f"val_{k}": v for k, v in scores.items()})
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(
+                    Path(d) / STATE_FILE, model=getattr(model, "module", model).state_dict(), optimizer=opt.state_dict(),
+                    scheduler=sched.state_dict(), epoch=epoch, history=history, attempts=attempts, world=world,
+                )
+                checkpoint = Checkpoint.from_directory(d)
+            # Metrics are rank 0's (its share of the epoch); every rank must call report the same number of times.
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _storage_path(cfg: Config) -> str:
+    if cfg.ray.storage_path and "://" in cfg.ray.storage_path:
+        return cfg.ray.storage_path
+    return str(Path(cfg.ray.storage_path or Path(cfg.output_dir) / "ray").resolve())
+
+
+def run_training(cfg: Config, kind: str, run_name: str, data: ImageSet, val: ImageSet | None = None, teacher: Path | None = None) -> TrainOutcome:
+    """Fit one model with a TorchTrainer (kind: squeeze or relabel); resumes the run `run_name` if it exists."""
+    ensure_ray(cfg)
+    gpu = use_gpu(cfg)
+    resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"), "kind": kind, "cpus": cfg.ray.cpus_per_worker,
+            # Through the object store once, not pickled into every worker's config.
+            "data": ray.put(data), "val": ray.put(val) if val is not None else None,
+            "teacher": str(teacher.resolve()) if teacher else None, "fault_file": os.environ.get(FAULT_ENV),
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name, storage_path=_storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # TrainingFailedError and friends: keep the cause, name the way out
+        raise RuntimeError(f"Ray Train run '{run_name}' failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); rerun to resume from its last checkpoint") from err
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run '{run_name}' finished without a checkpoint; delete {_storage_path(cfg)}/{run_name} and rerun")
+    with result.checkpoint.as_directory() as d:
+        state = load_checkpoint(Path(d) / STATE_FILE)
+    return TrainOutcome(state["model"], list(state["history"]), list(state["attempts"]), int(state["world"]))
+
+
+def _replay(outcome: TrainOutcome, on_epoch: OnEpoch | None) -> None:
+    """Hand the per-epoch metrics to the driver's callback (progress bar, MLflow) once training is done."""
+    if on_epoch is not None:
+        for epoch, metrics in enumerate(outcome.history):
+            on_epoch(epoch, metrics)
+
+
+def _driver_model(cfg: Config, model_cfg, data: ImageSet, state: dict[str, torch.Tensor]) -> nn.Module:
+    model = build_model(model_cfg, data, resolve_device(cfg.device), cfg.channels_last)
+    model.load_state_dict(state)
+    return model
+
+
+def fit_teacher(cfg: Config, train: ImageSet, val: ImageSet, on_epoch: OnEpoch | None = None) -> tuple[nn.Module, dict[str, float]]:
+    """Squeeze on Ray Train; returns the teacher (on the driver's device) and its last-epoch metrics with val scores."""
+    name = f"squeeze-{cfg.hash('seed', 'data', 'squeeze')}"
+    outcome = run_training(cfg, "squeeze", name, train, val)
+    _replay(outcome, on_epoch)
+    return _driver_model(cfg, cfg.squeeze.model, train, outcome.model_state), outcome.history[-1]
+
+
+def fit_student(cfg: Config, data: ImageSet, teacher_path: Path | None, name: str, on_epoch: OnEpoch | None = None) -> nn.Module:
+    """Relabel on Ray Train: soft labels from the teacher at `teacher_path`, or hard labels when it is None."""
+    key = cfg.hash("seed", "data", "squeeze", "recover", "relabel")
+    run_name = f"relabel-{name}-{'soft' if teacher_path else 'hard'}-{key}-{len(data)}"
+    outcome = run_training(cfg, "relabel", run_name, data, teacher=teacher_path)
+    _replay(outcome, on_epoch)
+    return _driver_model(cfg, cfg.relabel.model, data, outcome.model_state)

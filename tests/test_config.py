@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from sre2l_ray.config import Config, ConfigError, build_config, flatten, load_config, parse_overrides, to_yaml
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # A resolved config round-trips through YAML (what runs save beside their outputs).
+    import yaml
+
+    assert build_config(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_shipped_configs_cover_the_recipes() -> None:
+    names = {p.stem for p in CONFIGS}
+    assert {"fashion_mnist", "fashion_mnist_ipc1", "fashion_mnist_ipc50", "cifar10", "cifar100", "tiny_imagenet", "imagenet1k", "demo", "tiny"} <= names
+    imagenet = load_config(Path(CONFIGS[0]).parent / "imagenet1k.yaml")
+    assert (imagenet.data.image_size, imagenet.recover.r_bn, imagenet.recover.lr, imagenet.recover.iterations) == (224, 0.01, 0.25, 1000)
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    cfg = build_config({}, ["recover.ipc=3", "recover.augment.crop_scale=[0.2, 0.9]", "relabel.temperature=2.5", "data.val_limit=null"])
+    assert cfg.recover.ipc == 3
+    assert cfg.recover.augment.crop_scale == (0.2, 0.9)
+    assert cfg.relabel.temperature == 2.5
+    assert parse_overrides(["a.b.c=x"]) == {"a": {"b": {"c": "x"}}}
+
+
+def test_unknown_key_names_the_closest_valid_key() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'recover.ipcc'; did you mean 'recover.ipc'\?"):
+        build_config({}, ["recover.ipcc=3"])
+    with pytest.raises(ConfigError, match="did you mean 'relabel.temperature'"):
+        build_config({"relabel": {"temprature": 3}})
+
+
+def test_wrong_type_names_the_expected_type() -> None:
+    with pytest.raises(ConfigError, match=r"'recover.ipc'.*valid integer.*'ten'"):
+        build_config({}, ["recover.ipc=ten"])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [("recover.lr=0", "recover.lr"), ("relabel.temperature=-1", "relabel.temperature"), ("recover.augment.crop_scale=[0.5,1.5]", "crop_scale"), ("squeeze.lr=-0.1", "squeeze.lr")],
+)
+def test_out_of_range_values_are_refused(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        build_config({}, [override])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not key=value"):
+        build_config({}, ["recover.ipc"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recover: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_base_chain_merges_and_hash_tracks_sections(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("recover: {ipc: 5, iterations: 7}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nrecover: {ipc: 6}\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.recover.ipc, cfg.recover.iterations) == (6, 7)
+    other = build_config({}, ["relabel.epochs=3"])
+    assert cfg.hash("squeeze") == other.hash("squeeze")
+    assert cfg.hash("recover") != other.hash("recover")
+    assert flatten(cfg)["recover.ipc"] == 6

@@ -1,0 +1,195 @@
+"""Parquet shards from real Fashion-MNIST JPEG ImageFolders: format, idempotence, corrupt input, Ray Data streaming,
+Ray Train from shards, and the pipeline reading shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torchvision.io import encode_jpeg
+
+from sre2l_ray import cli
+from sre2l_ray.config import DataConfig, load_config
+from sre2l_ray.data.datasets import DatasetError, load_split, safe_class_dirname
+from sre2l_ray.data.shards import load_shard_split, read_manifest, shard_files, shard_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def fashion_split(root: Path, train: bool, per_class: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    ds = load_split(DataConfig(root=str(root), download=False), train=train)
+    pick = torch.cat([(ds.labels == c).nonzero().flatten()[:per_class] for c in range(ds.num_classes)])
+    return ds.images[pick], ds.labels[pick], ds.classes
+
+
+def write_image_folder(dst: Path, data_root: Path, per_class: dict[str, int], size: int | None = None, names: list[str] | None = None) -> None:
+    """A real ImageFolder of Fashion-MNIST JPEGs (RGB and upscaled when `size`), class folders sanitised."""
+    for split, n in per_class.items():
+        images, labels, classes = fashion_split(data_root, split == "train", n)
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            if size is not None:
+                img = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear")[0].round().to(torch.uint8).expand(3, -1, -1)
+            cls = names[int(lab)] if names else safe_class_dirname(int(lab), classes[int(lab)])
+            d = dst / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"img_{i:04d}.jpg").write_bytes(encode_jpeg(img.contiguous(), quality=90).numpy().tobytes())
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("folders")
+    write_image_folder(base / "fm", base / "data", {"train": 6, "val": 3})
+    # ImageNet layout (synset folder names) at 224 px.
+    write_image_folder(base / "inet", base / "data", {"train": 4, "val": 2}, size=224, names=[f"n0{1440764 + c}" for c in range(10)])
+    return {"fm": base / "fm", "inet": base / "inet", "data": base / "data"}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_shards_hold_original_bytes_and_reload_like_the_folder(folders: dict[str, Path], tmp_path: Path) -> None:
+    out = shard_image_folder(folders["fm"], tmp_path / "s", shard_mb=0.02)
+    man = read_manifest(str(tmp_path / "s"))
+    assert man["splits"]["train"]["count"] == 60 and man["splits"]["val"]["count"] == 30
+    assert len(man["splits"]["train"]["shards"]) > 1 and out["skipped"] == []
+    assert man["classes"][0] == "00000_T-shirt_top"  # "T-shirt/top" never reached a path
+    table = pq.read_table(shard_files(str(tmp_path / "s"), "train")[0])
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["image"] == (folders["fm"] / "train" / row["path"]).read_bytes()  # not re-encoded
+    assert row["class_name"] == man["classes"][row["label"]]
+    shards = load_split(DataConfig(name="shards", root=str(tmp_path / "s"), image_size=28), train=True)
+    folder = load_split(DataConfig(name="imagefolder", root=str(folders["fm"]), image_size=28), train=True)
+    assert torch.equal(shards.images, folder.images) and torch.equal(shards.labels, folder.labels)
+    assert shards.classes == folder.classes
+    # Idempotent: a rerun plans the same shards and writes none of them.
+    files = sorted((tmp_path / "s").rglob("*.parquet"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = shard_image_folder(folders["fm"], tmp_path / "s", shard_mb=0.02)
+    assert again["written"] == 0 and again["reused"] == len(files)
+    assert [f.stat().st_mtime_ns for f in files] == stamps and not list((tmp_path / "s").rglob("*.tmp"))
+
+
+def test_corrupt_image_and_truncated_shard(folders: dict[str, Path], tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(folders["fm"], src)
+    bad = src / "train" / "00003_Dress" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(DatasetError, match=r"train/00003_Dress/broken.jpg.*drop --strict"):
+        shard_image_folder(src, tmp_path / "strict", shard_mb=0.02, strict=True)
+    assert not (tmp_path / "strict" / "manifest.json").exists()  # a failed run leaves no manifest
+    out = shard_image_folder(src, tmp_path / "s", shard_mb=0.02)
+    assert [s["path"] for s in out["skipped"]] == ["train/00003_Dress/broken.jpg"]
+    assert json.loads((tmp_path / "s" / "report.json").read_text())["skipped"][0]["path"] == "train/00003_Dress/broken.jpg"
+    cfg = DataConfig(name="shards", root=str(tmp_path / "s"), image_size=28)
+    good_images, good_labels, _ = load_shard_split(cfg, True, 28)
+    assert len(good_labels) == 60  # every readable image kept
+    # Truncate one finished shard: reading names it and the fix; resharding repairs it and nothing is lost.
+    victim = Path(shard_files(str(tmp_path / "s"), "train")[1])
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(DatasetError, match=r"shard-00001.parquet' is missing, truncated or corrupt.*rerun `sre2l shard`"):
+        load_shard_split(cfg, True, 28)
+    again = shard_image_folder(src, tmp_path / "s", shard_mb=0.02)
+    assert again["written"] == 1
+    images, labels, _ = load_shard_split(cfg, True, 28)
+    assert torch.equal(images, good_images) and torch.equal(labels, good_labels)
+
+
+def test_reader_refuses_missing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no shard manifest.*sre2l shard"):
+        load_split(DataConfig(name="shards", root=str(tmp_path)), train=True)
+
+
+@pytest.mark.ray
+def test_cli_shard_on_ray_then_stream_with_ray_data(folders: dict[str, Path], tmp_path: Path, ray_local, capsys) -> None:
+    from sre2l_ray.distributed.data import iter_image_batches, make_shard_dataset
+
+    dst = tmp_path / "inet_shards"
+    assert cli.main(["shard", str(folders["inet"]), str(dst), "--shard-mb", "0.05"]) == 0
+    assert "written" in capsys.readouterr().out
+    local = shard_image_folder(folders["inet"], tmp_path / "local", shard_mb=0.05)
+    man = read_manifest(str(dst))
+    assert man == local["manifest"] and man["splits"]["train"]["count"] == 40
+    for a, b in zip(shard_files(str(dst), "train"), shard_files(str(tmp_path / "local"), "train")):
+        assert pq.read_table(a).equals(pq.read_table(b))  # Ray tasks and the local path write the same shards
+    # A pyarrow filesystem URI works like the local folder.
+    cfg = DataConfig(name="shards", root="file://" + str(dst), image_size=64)
+    seen, labels = [], []
+    for x, y, idx in iter_image_batches(make_shard_dataset(cfg, train=True, batch_size=16), batch_size=16):
+        assert x.shape[1:] == (3, 64, 64) and x.dtype == torch.float32 and -3 < float(x.min()) < float(x.max()) < 3
+        seen += idx.tolist()
+        labels += y.tolist()
+    assert sorted(seen) == list(range(40))  # one epoch streams every image exactly once
+    by_index = dict(zip(seen, labels))
+    assert [by_index[i] for i in range(40)] == torch.arange(10).repeat_interleave(4).tolist()
+    val = next(iter_image_batches(make_shard_dataset(cfg, train=False), batch_size=20))
+    assert val[0].shape == (20, 3, 64, 64)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_worker_trains_from_shards(folders: dict[str, Path], tmp_path: Path, ray_local) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sre2l_ray.distributed.data import make_shard_dataset
+
+    shard_image_folder(folders["fm"], tmp_path / "s", shard_mb=0.02)
+    cfg = DataConfig(name="shards", root=str(tmp_path / "s"), image_size=28)
+
+    def loop(config: dict) -> None:
+        import ray.train
+        import torch.nn.functional as F
+
+        from sre2l_ray.distributed.data import iter_image_batches
+        from sre2l_ray.models import create_model
+
+        torch.manual_seed(0)
+        model = ray.train.torch.prepare_model(create_model("convnet", 10, 3, 28, depth=2, width=8))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        shard = ray.train.get_dataset_shard("train")
+        steps, images, losses = 0, 0, []
+        for _ in range(2):
+            for x, y, _ in iter_image_batches(shard, batch_size=20):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps, images = steps + 1, images + len(y)
+                losses.append(float(loss))
+        ray.train.report({"steps": steps, "images": images, "first_loss": losses[0], "last_loss": losses[-1]})
+
+    trainer = TorchTrainer(
+        loop,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        datasets={"train": make_shard_dataset(cfg, train=True, batch_size=20)},
+        run_config=RunConfig(name="shards", storage_path=str(tmp_path / "ray")),
+    )
+    result = trainer.fit()
+    assert result.metrics["steps"] == 6 and result.metrics["images"] == 120
+    assert torch.isfinite(torch.tensor([result.metrics["first_loss"], result.metrics["last_loss"]])).all()
+
+
+@pytest.mark.slow
+def test_pipeline_squeeze_and_relabel_from_shards(folders: dict[str, Path], tmp_path: Path) -> None:
+    from sre2l_ray.pipeline import run_pipeline
+
+    shard_image_folder(folders["fm"], tmp_path / "s", shard_mb=0.02)
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        [f"output_dir={tmp_path / 'run'}", "ray.enabled=false", "data.name=shards", f"data.root={tmp_path / 's'}", "data.image_size=28"],
+    )
+    results = run_pipeline(cfg)
+    assert results["dataset"] == "shards" and set(results["students"]) == {"sre2l", "real_soft", "real_hard"}
+    assert 0 <= results["teacher"]["val_top1"] <= 100
