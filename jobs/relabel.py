@@ -1,0 +1,8 @@
+"""Ray job entrypoint for the relabel stage: `ray job submit --working-dir . -- python jobs/relabel.py --config configs/X.yaml`."""
+
+import sys
+
+from _common import main
+
+if __name__ == "__main__":
+    sys.exit(main("relabel"))
