@@ -56,6 +56,24 @@ COMMANDS: dict[str, tuple[Callable[[Config], object], str]] = {
 }
 
 
+def _tune(cfg: Config) -> object:
+    from sre2l_ray.distributed.tune import run_tune, tune_table
+
+    result = run_tune(cfg)
+    print(tune_table(result))
+    return result
+
+
+def _compare(cfg: Config, ns: argparse.Namespace) -> int:
+    from sre2l_ray.compare import compare
+
+    print(compare(ns.uri or cfg.tracking.uri, ns.experiment or cfg.tracking.experiment, ns.filter, ns.format, ns.out))
+    return 0
+
+
+COMMANDS["tune"] = (_tune, "Ray Tune search over crop scale, temperature and tune.space; writes <output_dir>/tune/best.yaml")
+
+
 def _shard(ns: argparse.Namespace) -> int:
     from sre2l_ray.distributed.shard import shard_on_ray
 
@@ -80,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["show"])
     p.add_argument("--config", default=None)
     p.add_argument("args", nargs="*")
+    p = sub.add_parser("compare", help="table and plots of tracked runs (pipelines, tune trials) from MLflow")
+    p.add_argument("--config", default=None)
+    p.add_argument("args", nargs="*", help="[CONFIG.yaml] [overrides]: tracking.uri/experiment are the defaults")
+    p.add_argument("--uri", default=None, help="MLflow tracking URI (default: the config's tracking.uri)")
+    p.add_argument("--experiment", default=None, help="experiment name (default: the config's tracking.experiment)")
+    p.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.`recover.ipc` = '10'\"")
+    p.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+    p.add_argument("--out", default="compare", help="folder for compare.md|csv and acc_vs_*.png (default ./compare)")
     p = sub.add_parser("shard", help="turn an ImageFolder (SRC/train, SRC/val) into parquet shards at DST, on Ray")
     p.add_argument("src")
     p.add_argument("dst")
@@ -101,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "config":
             _config_show(cfg)
             return 0
+        if ns.command == "compare":
+            return _compare(cfg, ns)
         COMMANDS[ns.command][0](cfg)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"sre2l: error: {err}", file=sys.stderr)

@@ -84,12 +84,15 @@ class Tracker:
         self._history: list[dict[str, list[tuple[int, float]]]] = []  # one per open run, innermost last
 
     @contextmanager
-    def run(self, name: str, nested: bool = False, log_config: bool = True) -> Iterator[Tracker]:
+    def run(self, name: str, nested: bool = False, log_config: bool = True, run_id: str | None = None) -> Iterator[Tracker]:
+        """A (nested) MLflow run around a block; `run_id` continues an existing run (a resumed search) if it exists."""
         if not self.enabled:
             yield self
             return
         mlflow = self._mlflow
-        with mlflow.start_run(run_name=name, nested=nested):
+        if run_id is not None and not self._exists(run_id):
+            run_id = None
+        with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested):
             mlflow.set_tag("stage", name)
             if log_config:
                 mlflow.log_params(safe_params(self.cfg))
@@ -100,6 +103,13 @@ class Tracker:
                 self._log_curves(name)
             finally:
                 self._history.pop()
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self._mlflow.get_run(run_id)
+            return True
+        except Exception:  # noqa: BLE001 - MlflowException or a store-specific error: treat as absent
+            return False
 
     def _log_curves(self, name: str) -> None:
         history = self._history[-1]
