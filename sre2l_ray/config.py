@@ -213,12 +213,24 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _closest_key(loc: str) -> str | None:
+    """The valid key a typo most likely meant: a sibling sharing its prefix, else the closest spelling."""
+    keys = _valid_keys(Config)
+    parent, _, leaf = loc.rpartition(".")
+    siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+    prefixed = [k for k in siblings if len(leaf) >= 3 and k.rpartition(".")[2].startswith(leaf[:4])]
+    if prefixed:
+        return prefixed[0]
+    close = difflib.get_close_matches(loc, siblings, n=1, cutoff=0.5) or difflib.get_close_matches(loc, keys, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _format_error(err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, _valid_keys(Config), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else "; see `sre2l config show` for valid keys"
+        close = _closest_key(loc)
+        hint = f"; did you mean '{close}'?" if close else "; see `sre2l config show` for valid keys"
         return f"unknown config key '{loc}'{hint}"
     got = e.get("input")
     msg = e["msg"]
