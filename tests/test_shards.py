@@ -168,7 +168,12 @@ def test_ray_train_worker_trains_from_shards(folders: dict[str, Path], tmp_path:
                 opt.step()
                 steps, images = steps + 1, images + len(y)
                 losses.append(float(loss))
-        ray.train.report({"steps": steps, "images": images, "first_loss": losses[0], "last_loss": losses[-1]})
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(model.state_dict(), os.path.join(d, "model.pt"))
+            metrics = {"steps": steps, "images": images, "first_loss": losses[0], "last_loss": losses[-1]}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     trainer = TorchTrainer(
         loop,

@@ -73,7 +73,7 @@ def make_shard_dataset(
     split = data.train_dir if train else data.val_dir
     size = size or data.image_size or STATS["shards"][2]
     files = shard_files(data.root, split)
-    ds = ray.data.read_parquet(files, columns=["image", "label", "path", "index"])
+    ds = ray.data.read_parquet(files).select_columns(["image", "label", "path", "index"])
     if train:
         ds = ds.randomize_block_order()
     aug_kw = (aug or AugmentConfig()).model_dump() if train else None
