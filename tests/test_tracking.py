@@ -1,0 +1,119 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1: parent + nested stage runs, params, metrics, artifacts."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sre2l_ray import cli
+from sre2l_ray.compare import load_runs
+from sre2l_ray.pipeline import run_pipeline
+from sre2l_ray.plots import training_curves
+from sre2l_ray.tracking import Tracker, TrackingError
+
+PORT = 5055
+URI = f"http://127.0.0.1:{PORT}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow tracking server (sqlite backend, served artifacts) for this module, killed afterwards."""
+    d = tmp_path_factory.mktemp("mlflow")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(PORT), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{d}/m.db", "--artifacts-destination", str(d / "artifacts")],
+        stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=d,
+    )
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{URI}/health", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield URI
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_pipeline_tracked_on_server(mlflow_server: str, tiny_config) -> None:
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config("tracking.enabled=true", f"tracking.uri={mlflow_server}", "tracking.experiment=server_test")
+    results = run_pipeline(cfg)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("server_test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"squeeze", "recover", "relabel:sre2l", "evaluate"} <= set(children)
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+    # params: the flattened resolved config, on the parent and on each stage run
+    assert parent.data.params["recover.ipc"] == str(cfg.recover.ipc)
+    assert parent.data.params["relabel.temperature"] == str(cfg.relabel.temperature)
+    assert children["squeeze"].data.params["squeeze.epochs"] == str(cfg.squeeze.epochs)
+    # metrics: per epoch for training, per shard for recovery (BN loss), headline numbers on the parent
+    loss = client.get_metric_history(children["squeeze"].info.run_id, "loss")
+    assert [m.step for m in loss] == list(range(cfg.squeeze.epochs))
+    assert client.get_metric_history(children["squeeze"].info.run_id, "lr")
+    assert "loss_bn" in children["recover"].data.metrics
+    assert parent.data.metrics["sre2l_top1"] == pytest.approx(results["students"]["sre2l"]["top1"])
+    # artifacts
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "synthetic_grid.png", "manifest.json", "results.json"} <= names
+    assert {"config.yaml", "curves.png"} <= {a.path for a in client.list_artifacts(children["squeeze"].info.run_id)}
+    assert {"synthetic_grid.png", "manifest.json"} <= {a.path for a in client.list_artifacts(children["recover"].info.run_id)}
+    grid = Path(client.download_artifacts(parent.info.run_id, "synthetic_grid.png", str(Path(cfg.output_dir) / "dl")))
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # `sre2l compare` reads the same server: one row, the pipeline
+    rows = load_runs(mlflow_server, "server_test")
+    assert [r["kind"] for r in rows] == ["pipeline"] and rows[0]["ipc"] == cfg.recover.ipc
+
+
+def test_unreachable_server_fails_fast_with_fix(tiny_config, capsys) -> None:
+    uri = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingError, match="unreachable.*mlflow server.*tracking.enabled=false"):
+        Tracker(tiny_config("tracking.enabled=true", f"tracking.uri={uri}"))
+    assert time.perf_counter() - t0 < 10
+    cfg = tiny_config()
+    rc = cli.main(["pipeline", str(Path(__file__).resolve().parents[1] / "configs/tiny.yaml"), f"output_dir={cfg.output_dir}", "tracking.enabled=true", f"tracking.uri={uri}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "unreachable" in err[0]
+
+
+def test_disabled_tracker_is_inert(tiny_config) -> None:
+    tracker = Tracker(tiny_config())
+    with tracker.run("x"):
+        tracker.log_metrics({"a": 1.0}, step=0)
+    assert tracker.run_id() is None
+
+
+def test_training_curves_png(tmp_path: Path) -> None:
+    path = training_curves({"loss": [(0, 2.0), (1, 1.0)], "lr": [(0, 0.1), (1, 0.0)]}, tmp_path / "c.png")
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+    assert training_curves({}, tmp_path / "none.png") is None
