@@ -212,7 +212,14 @@ def _student(cfg: Config, name: str, data: ImageSet, teacher_soft: bool, tracker
             student = fit_student(cfg, data, teacher_path(cfg) if teacher_soft else None, name, on_epoch)
         else:
             teacher = load_teacher(cfg, device) if teacher_soft else None
-            student = train_student(cfg, data, teacher, device, work, on_epoch)
+            loss = None
+            if teacher is not None and cfg.relabel.soft_labels == "precomputed":
+                from sre2l_ray.stages.soft_labels import precomputed_student_loss
+
+                # Labels are keyed by teacher + images (config hash) and the view settings; missing epochs are generated.
+                source = cfg.hash("seed", "data", "squeeze", "recover") + name
+                loss = precomputed_student_loss(cfg, data.to(device), teacher, work / "soft_labels", source)
+            student = train_student(cfg, data, teacher, device, work, on_epoch, loss=loss)
         bar.close()
         metrics = evaluate(student, val, cfg.evaluate.batch_size, cfg.channels_last)
         tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()})

@@ -19,7 +19,6 @@ from sre2l_ray.data.datasets import DatasetError, load_split, safe_class_dirname
 from sre2l_ray.data.shards import load_shard_split, read_manifest, shard_files, shard_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def fashion_split(root: Path, train: bool, per_class: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -48,15 +47,6 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # ImageNet layout (synset folder names) at 224 px.
     write_image_folder(base / "inet", base / "data", {"train": 4, "val": 2}, size=224, names=[f"n0{1440764 + c}" for c in range(10)])
     return {"fm": base / "fm", "inet": base / "inet", "data": base / "data"}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def test_shards_hold_original_bytes_and_reload_like_the_folder(folders: dict[str, Path], tmp_path: Path) -> None:
