@@ -125,6 +125,10 @@ def test_cli_shard_on_ray_then_stream_with_ray_data(folders: dict[str, Path], tm
     assert [by_index[i] for i in range(40)] == torch.arange(10).repeat_interleave(4).tolist()
     val = next(iter_image_batches(make_shard_dataset(cfg, train=False), batch_size=20))
     assert val[0].shape == (20, 3, 64, 64)
+    victim = Path(shard_files(str(dst), "train")[0])
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with pytest.raises(DatasetError, match="shard-00000.parquet' is missing, truncated or corrupt.*rerun `sre2l shard`"):
+        make_shard_dataset(cfg, train=True)
 
 
 @pytest.mark.ray

@@ -232,6 +232,22 @@ def shard_files(root: str, split: str) -> list[str]:
     return [f"{base}/{s['file']}" for s in manifest["splits"][split]["shards"]]
 
 
+def check_shards(root: str, split: str) -> list[str]:
+    """Shard files of a split after checking each footer against the manifest's row count (footers only: cheap)."""
+    files = shard_files(root, split)
+    rows = [s["rows"] for s in read_manifest(root)["splits"][split]["shards"]]
+    for path, want in zip(files, rows):
+        fs, p = filesystem(path)
+        try:
+            with fs.open_input_file(p) as f:
+                got = pq.read_metadata(f).num_rows
+        except (OSError, pa.ArrowException) as err:
+            raise DatasetError(f"shard '{path}' is missing, truncated or corrupt ({str(err).splitlines()[0][:80]}); rerun `sre2l shard` to rewrite it") from None
+        if got != want:
+            raise DatasetError(f"shard '{path}' has {got} rows, the manifest says {want}; rerun `sre2l shard` to rewrite it")
+    return files
+
+
 def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
     """One shard as a table; a missing, truncated or foreign file is a clear error naming the fix."""
     fs, p = filesystem(path)

@@ -17,7 +17,7 @@ import torch
 
 from sre2l_ray.config import AugmentConfig, DataConfig
 from sre2l_ray.data.datasets import STATS, DatasetError, decode_image
-from sre2l_ray.data.shards import shard_files
+from sre2l_ray.data.shards import check_shards
 
 
 def _rrc_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -72,7 +72,7 @@ def make_shard_dataset(
         raise DatasetError(f"make_shard_dataset reads parquet shards; set data.name=shards (got {data.name!r})")
     split = data.train_dir if train else data.val_dir
     size = size or data.image_size or STATS["shards"][2]
-    files = shard_files(data.root, split)
+    files = check_shards(data.root, split)  # a truncated shard fails here, in one line, not mid-epoch in a worker
     ds = ray.data.read_parquet(files).select_columns(["image", "label", "path", "index"])
     if train:
         ds = ds.randomize_block_order()
