@@ -256,6 +256,17 @@ def _absolute(cfg: Config) -> dict[str, Any]:
     return raw
 
 
+def _claim(root: Path, cfg: Config, space: dict[str, Any]) -> None:
+    """Refuse to resume a different search in the same folder (its trials and best.yaml would mix)."""
+    sig = {"config": cfg.hash("seed", "data", "squeeze", "recover", "relabel", "evaluate"), "space": space,
+           "search": cfg.tune.search, "num_samples": cfg.tune.num_samples, "asha": cfg.tune.asha}
+    path = root / "search.json"
+    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(sig)):
+        raise ConfigError(f"'{root}' holds a different search (config or tune settings changed); "
+                          "choose a new output_dir or delete that folder to start over")
+    atomic_write_json(path, sig)
+
+
 def run_tune(cfg: Config) -> dict[str, Any]:
     """Run (or resume) the search; returns best params, best metrics and the path of best.yaml."""
     space = cfg.tune.space or DEFAULT_SPACE
@@ -263,6 +274,7 @@ def run_tune(cfg: Config) -> dict[str, Any]:
     root = Path(base["output_dir"]) / "tune"
     root.mkdir(parents=True, exist_ok=True)
     apply_params(base, space, _sample(space))  # unknown keys / bad values fail here, in the first second
+    _claim(root, cfg, space)
     ensure_ray(cfg)
     cpus = cfg.tune.cpus_per_trial
     concurrent = cfg.tune.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
@@ -294,6 +306,9 @@ def run_tune(cfg: Config) -> dict[str, Any]:
         finally:
             if tracker.enabled:
                 close_orphan_runs(base["tracking"]["uri"], cfg.tracking.experiment, tracker.run_id())
+        unfinished = len(grid) - grid.num_terminated - grid.num_errors
+        if unfinished:  # Ctrl-C: Tune saved its state and returned early; a best config now would be premature
+            raise RuntimeError(f"search interrupted with {unfinished} trial(s) unfinished; rerun the same command to resume it")
         best = grid.get_best_result(metric=METRIC, mode="max", scope="last")
         best_cfg = apply_params(cfg.model_dump(mode="json"), space, best.config)
         best_path = root / "best.yaml"
