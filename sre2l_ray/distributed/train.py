@@ -42,7 +42,8 @@ STATE_FILE = "state.pt"
 
 @dataclass
 class TrainOutcome:
-    """What a finished Ray Train run leaves: final weights, per-epoch metrics, and the start epoch of each attempt."""
+    """What a finished Ray Train run leaves: final weights, per-epoch metrics, and the start epoch of each attempt
+    (worker group start or rerun) that saved at least one checkpoint."""
 
     model_state: dict[str, torch.Tensor]
     history: list[dict[str, float]]
