@@ -7,6 +7,7 @@ over the other classes. One parquet file per epoch (written atomically): a rerun
 
     <dir>/<key>/meta.json            what the labels depend on (views, teacher, temperature, k)
     <dir>/<key>/epoch-00003.parquet  index int32, values fixed_size_list<float16>[k], classes list<uint16|int32>[k], lse float32
+                                     (topk=None: all logits in class order, no classes column)
 """
 
 from __future__ import annotations
@@ -91,9 +92,13 @@ def label_epoch(
         if channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         logits = teacher(views).float()
-        top = logits.topk(spec.k, dim=1)
-        values.append(top.values.half().cpu())
-        classes.append(top.indices.cpu())
+        if spec.k == spec.num_classes:  # full outputs: class order, so no class ids need storing
+            values.append(logits.half().cpu())
+            classes.append(torch.arange(spec.num_classes).expand(len(index), -1))
+        else:
+            top = logits.topk(spec.k, dim=1)
+            values.append(top.values.half().cpu())
+            classes.append(top.indices.cpu())
         lse.append(torch.logsumexp(logits / spec.temperature, dim=1).cpu())
     return {"values": torch.cat(values), "classes": torch.cat(classes), "lse": torch.cat(lse)}
 
@@ -119,14 +124,15 @@ class SoftLabelStore:
         k = self.spec.k
         cls_type = pa.uint16() if self.spec.num_classes <= 65535 else pa.int32()
         cls_np = labels["classes"].numpy().astype("uint16" if self.spec.num_classes <= 65535 else "int32")
-        table = pa.table(
-            {
-                "index": pa.array(range(self.spec.n_items), pa.int32()),
-                "values": pa.FixedSizeListArray.from_arrays(pa.array(labels["values"].numpy().reshape(-1)), k),
-                "classes": pa.FixedSizeListArray.from_arrays(pa.array(cls_np.reshape(-1), cls_type), k),
-                "lse": pa.array(labels["lse"].numpy()),
-            }
-        )
+        columns = {
+            "index": pa.array(range(self.spec.n_items), pa.int32()),
+            "values": pa.FixedSizeListArray.from_arrays(pa.array(labels["values"].numpy().reshape(-1)), k),
+            "classes": pa.FixedSizeListArray.from_arrays(pa.array(cls_np.reshape(-1), cls_type), k),
+            "lse": pa.array(labels["lse"].numpy()),
+        }
+        if k == self.spec.num_classes:
+            del columns["classes"]  # full outputs are stored in class order
+        table = pa.table(columns)
         out = self.path(epoch)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -150,7 +156,10 @@ class SoftLabelStore:
         k = self.spec.k
         order = torch.tensor(t.column("index").to_numpy(), dtype=torch.long)
         values = torch.tensor(t.column("values").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k))
-        classes = torch.from_numpy(t.column("classes").combine_chunks().flatten().to_numpy().astype("int64").reshape(-1, k))
+        if "classes" in t.column_names:
+            classes = torch.from_numpy(t.column("classes").combine_chunks().flatten().to_numpy().astype("int64").reshape(-1, k))
+        else:
+            classes = torch.arange(k).repeat(len(values), 1)
         lse = torch.tensor(t.column("lse").to_numpy(), dtype=torch.float32)
         # Dense by dataset index, whatever order the rows were written in.
         out = {"values": torch.empty_like(values), "classes": torch.empty_like(classes), "lse": torch.empty_like(lse)}
