@@ -122,3 +122,59 @@ def test_space_errors_name_the_fix(tiny_config) -> None:
     assert cfg.recover.augment.crop_scale == (0.3, 0.9)
     with pytest.raises(ConfigError, match="crop_scale"):
         apply_params(base, space, {"recover.augment.crop_scale": "[0.9, 0.3]"})
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_interrupted_search_resumes(tmp_path: Path) -> None:
+    """Ctrl-C mid-trial, then the same command: the search resumes, the cut trial continues from its last epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "sre2l_ray.cli", "tune", str(root / "configs/tiny.yaml"), f"output_dir={tmp_path}",
+            f"data.root={root / 'data'}", "ray.address=local", "tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+            "tracking.experiment=resume", "tune.search=grid", "tune.asha=false", "tune.max_concurrent=1", "relabel.epochs=100",
+            "tune.space={relabel.temperature: {grid: [1.0, 4.0]}}"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        done = [json.loads(p.read_text())["epoch"] for p in tmp_path.glob("tune/trials/*/metrics.json")]
+        if done and max(done) >= 5:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "search ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "interrupted" in err and "rerun the same command" in err
+
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stdout and (tmp_path / "tune" / "best.yaml").is_file()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    exp = client.get_experiment_by_name("resume")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'tune_trial'")
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)  # never left RUNNING
+    assert any(r.info.status == "KILLED" for r in runs)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert {r.data.params["relabel.temperature"] for r in finished} == {"1.0", "4.0"}
+    first_steps = [client.get_metric_history(r.info.run_id, "val_top1")[0].step for r in finished]
+    assert max(first_steps) > 1  # the interrupted trial resumed from its saved epoch, not from scratch
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_changed_search_in_same_folder_is_refused(search) -> None:
+    from sre2l_ray.distributed.tune import run_tune
+
+    cfg, _ = search
+    changed = cfg.model_copy(update={"relabel": cfg.relabel.model_copy(update={"epochs": 7})})
+    with pytest.raises(ConfigError, match="holds a different search.*new output_dir"):
+        run_tune(changed)

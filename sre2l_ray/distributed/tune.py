@@ -58,6 +58,10 @@ def _encode(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
+def _is_grid(kind: str, search: str) -> bool:
+    return kind == "grid" and search != "optuna" or kind == "choice" and search == "grid"
+
+
 def param_space(space: dict[str, Any], search: str) -> dict[str, Any]:
     """tune.space -> Tune domains; `grid` is exhaustive except under Optuna (a categorical there)."""
     out: dict[str, Any] = {}
@@ -65,7 +69,7 @@ def param_space(space: dict[str, Any], search: str) -> dict[str, Any]:
         kind, values = _check_spec(key, spec)
         if kind == "uniform":
             out[key] = tune.uniform(float(values[0]), float(values[1]))
-        elif kind == "grid" and search != "optuna" or kind == "choice" and search == "grid":
+        elif _is_grid(kind, search):
             out[key] = tune.grid_search([_encode(v) for v in values])
         else:
             out[key] = tune.choice([_encode(v) for v in values])
@@ -306,7 +310,7 @@ def run_tune(cfg: Config) -> dict[str, Any]:
         finally:
             if tracker.enabled:
                 close_orphan_runs(base["tracking"]["uri"], cfg.tracking.experiment, tracker.run_id())
-        unfinished = len(grid) - grid.num_terminated - grid.num_errors
+        unfinished = _unfinished(path, _expected_trials(cfg, space))
         if unfinished:  # Ctrl-C: Tune saved its state and returned early; a best config now would be premature
             raise RuntimeError(f"search interrupted with {unfinished} trial(s) unfinished; rerun the same command to resume it")
         best = grid.get_best_result(metric=METRIC, mode="max", scope="last")
@@ -321,6 +325,25 @@ def run_tune(cfg: Config) -> dict[str, Any]:
     errors = [r for r in summary if r["error"]]
     return {"best_params": {k: best.config[k] for k in space}, "best_top1": best.metrics.get(METRIC),
             "best_config": str(best_path), "trials": summary, "errors": len(errors)}
+
+
+def _expected_trials(cfg: Config, space: dict[str, Any]) -> int:
+    """How many trials the search makes: grid dimensions multiply, samples repeat them (Optuna has no grid)."""
+    n = _tune_config(cfg, space, 1).num_samples
+    for key, spec in space.items():
+        kind, values = _check_spec(key, spec)
+        if _is_grid(kind, cfg.tune.search):
+            n *= len(values)
+    return n
+
+
+def _unfinished(path: str, expected: int) -> int:
+    """Trials not yet TERMINATED/ERROR in the saved experiment state (after Ctrl-C, fit() returns early and its
+    in-memory result marks the cut trial terminated, while the saved state keeps it to resume)."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(path).trials
+    return expected - sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
 
 def _tune_config(cfg: Config, space: dict[str, Any], concurrent: int) -> tune.TuneConfig:
