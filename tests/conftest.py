@@ -19,10 +19,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Callable[..., Config]:
-    """configs/tiny.yaml with output under tmp_path, tracking off, plus any key=value overrides."""
+    """configs/tiny.yaml with output under tmp_path, tracking off and stages in-process (ray.enabled=false, so a
+    test starts no Ray unless it asks with ray.enabled=true), plus any key=value overrides."""
 
     def make(*overrides: str, out: Path | None = None) -> Config:
-        base = [f"output_dir={out or tmp_path / 'out'}", f"data.root={ROOT / 'data'}", "tracking.enabled=false"]
+        base = [f"output_dir={out or tmp_path / 'out'}", f"data.root={ROOT / 'data'}", "tracking.enabled=false", "ray.enabled=false"]
         return load_config(ROOT / "configs/tiny.yaml", base + list(overrides))
 
     return make

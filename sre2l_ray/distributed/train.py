@@ -85,6 +85,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 
         teacher = load_teacher(cfg, device, Path(config["teacher"])) if config["teacher"] else None
         loss = relabel.student_loss(cfg, data, teacher)
+        if teacher is not None and config.get("soft_labels"):
+            loss = _precomputed_loss(cfg, data, teacher, config["soft_labels"], rank, world)
         step = lambda epoch: relabel.relabel_epoch(cfg, model, opt, sched, data, loss, epoch, rank, world)  # noqa: E731
 
     fault = config.get("fault_file")
@@ -110,13 +112,28 @@ def _train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def _precomputed_loss(cfg: Config, data: ImageSet, teacher: nn.Module, where: dict[str, str], rank: int, world: int):
+    """relabel.soft_labels=precomputed: rank 0 generates any missing label epochs, the other ranks then replay them."""
+    from sre2l_ray.stages.soft_labels import precomputed_student_loss
+
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    loss = precomputed_student_loss(cfg, data, teacher, Path(where["dir"]), where["source"])
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+    return loss
+
+
 def _storage_path(cfg: Config) -> str:
     if cfg.ray.storage_path and "://" in cfg.ray.storage_path:
         return cfg.ray.storage_path
     return str(Path(cfg.ray.storage_path or Path(cfg.output_dir) / "ray").resolve())
 
 
-def run_training(cfg: Config, kind: str, run_name: str, data: ImageSet, val: ImageSet | None = None, teacher: Path | None = None) -> TrainOutcome:
+def run_training(
+    cfg: Config, kind: str, run_name: str, data: ImageSet, val: ImageSet | None = None, teacher: Path | None = None,
+    soft_labels: dict[str, str] | None = None,
+) -> TrainOutcome:
     """Fit one model with a TorchTrainer (kind: squeeze or relabel); resumes the run `run_name` if it exists."""
     ensure_ray(cfg)
     gpu = use_gpu(cfg)
@@ -128,6 +145,7 @@ def run_training(cfg: Config, kind: str, run_name: str, data: ImageSet, val: Ima
             # Through the object store once, not pickled into every worker's config.
             "data": ray.put(data), "val": ray.put(val) if val is not None else None,
             "teacher": str(teacher.resolve()) if teacher else None, "fault_file": os.environ.get(FAULT_ENV),
+            "soft_labels": soft_labels,
         },
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
@@ -173,6 +191,11 @@ def fit_student(cfg: Config, data: ImageSet, teacher_path: Path | None, name: st
     """Relabel on Ray Train: soft labels from the teacher at `teacher_path`, or hard labels when it is None."""
     key = cfg.hash("seed", "data", "squeeze", "recover", "relabel")
     run_name = f"relabel-{name}-{'soft' if teacher_path else 'hard'}-{key}-{len(data)}"
-    outcome = run_training(cfg, "relabel", run_name, data, teacher=teacher_path)
+    soft = None
+    if teacher_path is not None and cfg.relabel.soft_labels == "precomputed":
+        # Same folder and key as the in-process path (pipeline._student), so either path reuses the other's labels.
+        soft = {"dir": str((Path(cfg.output_dir) / "students" / name / "soft_labels").resolve()),
+                "source": cfg.hash("seed", "data", "squeeze", "recover") + name}
+    outcome = run_training(cfg, "relabel", run_name, data, teacher=teacher_path, soft_labels=soft)
     _replay(outcome, on_epoch)
     return _driver_model(cfg, cfg.relabel.model, data, outcome.model_state)
