@@ -33,8 +33,9 @@ from sre2l_ray.stages.recover import plan_shards  # noqa: E402
 from sre2l_ray.stages.relabel import train_student  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# Demo-ish scale: the demo recipe's models and recovery, a shorter relabel, a teacher on a 6000-image slice.
-DEFAULTS = ["data.train_limit=6000", "relabel.epochs=100", "tracking.enabled=false", "ray.enabled=false", "threads=2"]
+# Demo-ish scale: the demo recipe's models and recovery split into one shard per ipc index (10 shards, so actors
+# have work to share), a shorter relabel, and a teacher trained on a 6000-image slice.
+DEFAULTS = ["data.train_limit=6000", "recover.ipc_per_batch=1", "relabel.epochs=100", "tracking.enabled=false", "ray.enabled=false", "threads=2"]
 
 
 def _with(cfg: Config, out: Path, **ray_kw: object) -> Config:

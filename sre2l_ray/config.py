@@ -142,7 +142,7 @@ class TrackingConfig(_Group):
 
 
 class RayConfig(_Group):
-    enabled: bool = False
+    enabled: bool = True
     """Run stages through Ray (Train for training, actors for recovery); False runs the cores in-process."""
     address: str | None = None
     """Cluster address; None starts or joins a local Ray (`ray.init()`)."""
