@@ -65,7 +65,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     data: ImageSet = ray.get(config["data"]).to(device)
     core = squeeze if kind == "squeeze" else relabel
     model_cfg = cfg.squeeze.model if kind == "squeeze" else cfg.relabel.model
-    model = prepare_model(build_model(model_cfg, data, device, cfg.channels_last))
+    model = prepare_model(build_model(model_cfg, data, device, cfg.channels_last, seed=cfg.seed))
     opt, sched = core.make_optimizer(cfg, model, len(data), world)
     epochs = cfg.squeeze.epochs if kind == "squeeze" else cfg.relabel.epochs
 

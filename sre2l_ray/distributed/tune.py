@@ -165,7 +165,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
     data = synthetic_store(stage, list(meta["classes"])).as_image_set(mean, std).to(device)
     val = load_split(cfg.data, train=False)
     teacher = load_teacher(stage, device)
-    student = build_model(cfg.relabel.model, data, device, cfg.channels_last)
+    student = build_model(cfg.relabel.model, data, device, cfg.channels_last, seed=cfg.seed)
     opt, sched = make_optimizer(cfg, student, len(data))
     loss = student_loss(cfg, data, teacher)
 

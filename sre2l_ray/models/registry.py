@@ -56,7 +56,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weights file '{p}' not found; check model.weights or squeeze.checkpoint")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError (refused objects), RuntimeError (not a torch file), EOFError
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise ValueError(f"weights file '{p}' is not a plain state dict loadable with weights_only=True ({first}); point it at a torch.save'd state dict") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file '{p}' holds a {type(state).__name__}, not a state dict; save model.state_dict()")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}

@@ -80,7 +80,7 @@ def train_student(
     loss: LossFn | None = None,
 ) -> nn.Module:
     """Train a fresh student in-process; checkpoints to work_dir/last.pt every few epochs and resumes from it."""
-    student = build_model(cfg.relabel.model, data, device, cfg.channels_last)
+    student = build_model(cfg.relabel.model, data, device, cfg.channels_last, seed=cfg.seed)
     opt, sched = make_optimizer(cfg, student, len(data))
     ckpt = work_dir / "last.pt"
     key = cfg.hash("seed", "relabel") + str(len(data))

@@ -40,7 +40,7 @@ def train_teacher(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train in-process, checkpointing each epoch to work_dir/last.pt and resuming from it."""
-    model = build_model(cfg.squeeze.model, train, device, cfg.channels_last)
+    model = build_model(cfg.squeeze.model, train, device, cfg.channels_last, seed=cfg.seed)
     opt, sched = make_optimizer(cfg, model, len(train))
     ckpt = work_dir / "last.pt"
     start = 0

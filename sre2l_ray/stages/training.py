@@ -25,10 +25,15 @@ class LossFn(Protocol):
     def __call__(self, logits: torch.Tensor, views: torch.Tensor, index: torch.Tensor, plan: ViewPlan) -> torch.Tensor: ...
 
 
-def build_model(cfg: ModelConfig, data: ImageSet, device: torch.device, channels_last: bool = True) -> nn.Module:
-    model = create_model(
-        cfg.name, data.num_classes, data.channels, data.size, depth=cfg.depth, width=cfg.width, weights=cfg.weights
-    )
+def build_model(cfg: ModelConfig, data: ImageSet, device: torch.device, channels_last: bool = True, seed: int | None = None) -> nn.Module:
+    """A fresh model for `data`; with `seed`, its initial weights depend only on the seed, not on what this process
+    drew before (a resumed pipeline builds fewer models than an uninterrupted one, yet must get the same ones)."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(derive_seed(seed, 0x1A17))
+        model = create_model(
+            cfg.name, data.num_classes, data.channels, data.size, depth=cfg.depth, width=cfg.width, weights=cfg.weights
+        )
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
