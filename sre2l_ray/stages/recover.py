@@ -20,6 +20,36 @@ from sre2l_ray.data.augment import crop_boxes, random_shift, resized_crop
 from sre2l_ray.runtime import derive_seed
 
 
+class _ChannelMeanVar(torch.autograd.Function):
+    """Per-channel mean and biased variance of a [M, C] matrix with a one-pass backward.
+
+    torch.var_mean (Welford) and its autograd backward take several passes over the activation; this forward is
+    two-pass (mean, then squared deviations) and the backward one fused multiply-add, (2 g_var / M) * x + (g_mean - 2 g_var mean) / M.
+    """
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = f.mean(0)
+        d = f - mean
+        var = (d * d).mean(0)
+        ctx.save_for_backward(f, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor) -> torch.Tensor:
+        f, mean = ctx.saved_tensors
+        scale = g_var * (2.0 / f.shape[0])
+        return torch.addcmul(g_mean / f.shape[0] - mean * scale, f, scale)
+
+
+def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance (what BatchNorm normalises with) per channel of x [N, C, ...]."""
+    c = x.shape[1]
+    # channels_last memory is already a [N*H*W, C] matrix: a free view; other layouts pay one copy.
+    f = x.movedim(1, -1).reshape(-1, c)
+    return _ChannelMeanVar.apply(f)
+
+
 class BNStatHooks:
     """Forward hooks on every BatchNorm layer that keep each layer's matching loss for the latest forward."""
 
@@ -33,10 +63,7 @@ class BNStatHooks:
 
     def _hook(self, i: int):
         def hook(module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-            x = inputs[0]
-            dims = [0] + list(range(2, x.dim()))
-            # One fused pass for both moments; biased variance, as BatchNorm normalises with it.
-            var, mean = torch.var_mean(x.float(), dim=dims, unbiased=False)
+            mean, var = channel_mean_var(inputs[0].float())
             self.stats[i] = (mean, var)
             self.terms[i] = torch.linalg.vector_norm(mean - module.running_mean, 2) + torch.linalg.vector_norm(
                 var - module.running_var, 2
@@ -153,7 +180,7 @@ def recover_shard(
         loss.backward()
         opt.step()
         with torch.no_grad():
-            x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+            x.clamp_(lo, hi)
         if log_every and (it % log_every == 0 or it == cfg.iterations - 1):
             log.append({"step": it, "loss": float(loss.detach()), "loss_ce": float(loss_ce.detach()), "loss_bn": float(loss_bn.detach())})
     return x.detach().contiguous(), log
