@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,15 +46,37 @@ def sync(device: torch.device) -> None:
 
 
 def time_steps(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds per call of `step` after `warmup` untimed calls."""
+    """Median seconds per call of `step` after `warmup` untimed calls (the median shrugs off a busy neighbour)."""
     for _ in range(warmup):
         step()
-    sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
         step()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class CallClock:
+    """Timestamps every forward call of a module: the median gap is the step time of a loop that calls it once."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+        self._handle = module.register_forward_pre_hook(self._stamp)
+
+    def _stamp(self, *_: object) -> None:
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def median_gap(self) -> float:
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        return statistics.median(gaps)
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def write_result(name: str, report: dict[str, object], device: torch.device, path: str | None = None) -> Path:

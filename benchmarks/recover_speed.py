@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import machine_info, markdown_table, sync, time_steps, write_result  # noqa: E402
+from _common import CallClock, machine_info, markdown_table, sync, time_steps, write_result  # noqa: E402
 from sre2l_ray.config import RecoverConfig  # noqa: E402
 from sre2l_ray.models import create_model  # noqa: E402
 from sre2l_ray.runtime import resolve_device, set_threads  # noqa: E402
@@ -80,7 +80,7 @@ def recover_step_s(
     teacher: nn.Module, batch: int, size: int, device: torch.device, channels_last: bool, warmup: int, steps: int,
     compile: bool = False, bf16: bool = False,
 ) -> tuple[float, float]:
-    """(seconds per recover step, seconds of the warm-up call) for a whole recover_shard of `steps` iterations."""
+    """(median seconds per recover_shard step, seconds of the warm-up call); steps are timed teacher call to call."""
     bounds = (torch.full((1, 3, 1, 1), -2.0, device=device), torch.full((1, 3, 1, 1), 2.0, device=device))
     shard = plan_shards(batch, recover_cfg(batch, 1))[0]
     with BNStatHooks(teacher) as hooks:
@@ -88,10 +88,10 @@ def recover_step_s(
         recover_shard(teacher, hooks, shard, recover_cfg(batch, warmup, compile, bf16), 0, bounds, (3, size, size), channels_last)
         sync(device)
         warm_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        recover_shard(teacher, hooks, shard, recover_cfg(batch, steps, compile, bf16), 0, bounds, (3, size, size), channels_last)
-        sync(device)
-    return (time.perf_counter() - t0) / steps, warm_s
+        clock = CallClock(teacher, device)
+        recover_shard(teacher, hooks, shard, recover_cfg(batch, steps + 1, compile, bf16), 0, bounds, (3, size, size), channels_last)
+        clock.remove()
+    return clock.median_gap(), warm_s
 
 
 def run_reference(harness: str, threads: int, batch: int, warmup: int, steps: int, only: str) -> dict[str, object]:

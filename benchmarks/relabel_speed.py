@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import machine_info, markdown_table, sync, time_steps, write_result  # noqa: E402
+from _common import CallClock, machine_info, markdown_table, time_steps, write_result  # noqa: E402
 from recover_speed import parse_settings, run_reference  # noqa: E402
 from sre2l_ray.config import Config  # noqa: E402
 from sre2l_ray.data.datasets import ImageSet  # noqa: E402
@@ -82,19 +82,18 @@ def teacher_forward(teacher: nn.Module, batch: int, size: int, device: torch.dev
 
 def relabel_step_s(student: nn.Module, teacher: nn.Module, batch: int, size: int, classes: int, device: torch.device,
                    warmup: int, steps: int) -> float:
-    """Seconds per step of relabel's epoch loop (online soft labels), after a warm-up epoch of `warmup` steps."""
+    """Median seconds per step of relabel's epoch loop (online soft labels), student call to call, after a warm-up epoch."""
     cfg = Config()
-    data = random_set(batch * (warmup + steps), classes, size, device)
+    data = random_set(batch * (warmup + steps + 1), classes, size, device)
     opt, sched = make_optimizer(cfg, student, len(data))
     loss = online_soft_loss(teacher, cfg.relabel.temperature)
     kw = dict(seed=0, batch_size=batch, aug=cfg.relabel.augment, channels_last=True)
     train_epoch(student, opt, sched, data.subset(torch.arange(batch * warmup)), loss, epoch=0, **kw)
     timed = data.subset(torch.arange(batch * warmup, len(data)))
-    sync(device)
-    t0 = time.perf_counter()
+    clock = CallClock(student, device)
     train_epoch(student, opt, sched, timed, loss, epoch=1, **kw)
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+    clock.remove()
+    return clock.median_gap()
 
 
 def main() -> None:
