@@ -131,9 +131,22 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(cfg, ns)
         COMMANDS[ns.command][0](cfg)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"sre2l: error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err))
+    except OSError as err:  # disk full, read-only or not-a-folder output: outputs are written atomically, so none is half-written
+        where = f" '{err.filename}'" if err.filename else ""
+        return _error(f"{err.strerror or err}{where}; free disk space or make output_dir a writable folder "
+                      "(and data.root readable), then rerun to resume")
     return 0
+
+
+def _error(message: str) -> int:
+    """Print the one-line error on a line of its own: close the progress bars the failure interrupted first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(f"sre2l: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

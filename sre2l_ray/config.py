@@ -246,7 +246,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value; write e.g. recover.ipc=10")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:  # e.g. a !!python/object tag, which safe_load refuses
+            raise ConfigError(f"override '{item}' is not a plain YAML value ({str(err).splitlines()[0]}); quote or fix it") from None
         node = tree
         parts = key.strip().split(".")
         for p in parts[:-1]:

@@ -8,6 +8,7 @@ which is probed first so a server that is down fails in seconds with one line in
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -28,7 +29,8 @@ def safe_params(cfg: Config) -> dict[str, str]:
     """Flattened config for MLflow; values of secret-looking keys are never logged."""
     out = {}
     for k, v in flatten(cfg).items():
-        out[k] = "***" if any(w in k.lower() for w in _SECRET_WORDS) else str(v)[:500]
+        # Credentials inside a URL (http://user:password@host) are masked too.
+        out[k] = "***" if any(w in k.lower() for w in _SECRET_WORDS) else re.sub(r"(://[^/:@\s]+):[^/@\s]*@", r"\1:***@", str(v))[:500]
     return out
 
 
