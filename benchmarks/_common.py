@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -38,6 +39,20 @@ def machine_info(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def step_timing_parser(description: str, settings: str, compile_help: str, harness_help: str) -> argparse.ArgumentParser:
+    """The options every per-step speed benchmark shares (settings, threads, warm-up/timed steps, device, compile)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--settings", default=settings, help="model:resolution:batch,...")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help=compile_help)
+    ap.add_argument("--reference-harness", default=None, help=harness_help)
+    ap.add_argument("--result", default=None)
+    return ap
 
 
 def sync(device: torch.device) -> None:

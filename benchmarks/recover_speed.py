@@ -14,7 +14,6 @@ Writes benchmarks/results/recover_speed.json (recover_speed_gpu.json on CUDA) an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import CallClock, machine_info, markdown_table, sync, time_steps, write_result  # noqa: E402
+from _common import CallClock, machine_info, markdown_table, step_timing_parser, sync, time_steps, write_result  # noqa: E402
 from sre2l_ray.config import RecoverConfig  # noqa: E402
 from sre2l_ray.models import create_model  # noqa: E402
 from sre2l_ray.runtime import resolve_device, set_threads  # noqa: E402
@@ -104,16 +103,11 @@ def run_reference(harness: str, threads: int, batch: int, warmup: int, steps: in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--settings", default="resnet18:32:100,convnet:32:100", help="model:resolution:batch,...")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--compile", action="store_true", help="also time recover.compile=true (torch.compile)")
+    ap = step_timing_parser(
+        __doc__.split("\n")[0], "resnet18:32:100,convnet:32:100",
+        "also time recover.compile=true (torch.compile)", "scratch script timing the reference recover loop",
+    )
     ap.add_argument("--bf16", action="store_true", help="also time recover.bf16=true (CUDA only)")
-    ap.add_argument("--reference-harness", default=None, help="scratch script timing the reference recover loop")
-    ap.add_argument("--result", default=None)
     args = ap.parse_args()
     device = resolve_device(args.device)
     set_threads(args.threads)

@@ -15,7 +15,6 @@ Writes benchmarks/results/relabel_speed.json (relabel_speed_gpu.json on CUDA) an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import CallClock, machine_info, markdown_table, time_steps, write_result  # noqa: E402
+from _common import CallClock, machine_info, markdown_table, step_timing_parser, time_steps, write_result  # noqa: E402
 from recover_speed import parse_settings, run_reference  # noqa: E402
 from sre2l_ray.config import Config  # noqa: E402
 from sre2l_ray.data.datasets import ImageSet  # noqa: E402
@@ -97,16 +96,11 @@ def relabel_step_s(student: nn.Module, teacher: nn.Module, batch: int, size: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--settings", default="resnet18:32:128,convnet:32:128", help="model:resolution:batch,...")
+    ap = step_timing_parser(
+        __doc__.split("\n")[0], "resnet18:32:128,convnet:32:128",
+        "also time with torch.compile'd student and teacher", "scratch script timing the reference relabel step",
+    )
     ap.add_argument("--classes", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--compile", action="store_true", help="also time with torch.compile'd student and teacher")
-    ap.add_argument("--reference-harness", default=None, help="scratch script timing the reference relabel step")
-    ap.add_argument("--result", default=None)
     args = ap.parse_args()
     device = resolve_device(args.device)
     set_threads(args.threads)
