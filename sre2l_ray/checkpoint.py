@@ -24,5 +24,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint '{p}' not found")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(f"checkpoint '{p}' is unreadable or truncated ({str(err).splitlines()[0][:80]}); delete it to retrain") from None
+    except Exception as err:  # noqa: BLE001 - RuntimeError/EOFError (truncated), UnpicklingError (objects weights_only refuses)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:80]
+        raise ValueError(f"checkpoint '{p}' is unreadable or truncated, or holds more than tensors ({first}); delete it to retrain") from None

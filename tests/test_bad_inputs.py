@@ -1,0 +1,129 @@
+"""Bad inputs through the CLI: each fails with exit code 2 and one `sre2l: error: ...` line naming the fix.
+
+Cases already covered elsewhere are not repeated (see docs/RELIABILITY.md): corrupt/truncated images and non-image
+files (test_datasets.py), unknown/mistyped config keys (test_config.py, test_pipeline.py), unreachable MLflow server
+(test_tracking.py), corrupt shards (test_shards.py), mismatching weights at the model level (test_models.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import encode_png
+
+from sre2l_ray import cli
+from sre2l_ray.models import create_model
+
+from conftest import ROOT
+
+TINY = str(ROOT / "configs/tiny.yaml")
+
+
+def _fail(capsys: pytest.CaptureFixture, *args: str, command: str = "pipeline") -> str:
+    """Run the CLI, expect exit 2 and exactly one error line (the last stderr line); return it."""
+    rc = cli.main([command, TINY, f"data.root={ROOT / 'data'}", "tracking.enabled=false", "ray.enabled=false", *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("sre2l: error:")]
+    assert rc == 2 and len(errors) == 1 and lines[-1] == errors[0], lines[-5:]
+    return errors[0]
+
+
+def _image_folder(root: Path, per_class: int, classes: tuple[str, ...] = ("cat", "dog")) -> None:
+    for split in ("train", "val"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                (d / f"{i}.png").write_bytes(encode_png((torch.rand(3, 12, 12) * 255).to(torch.uint8)).numpy().tobytes())
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("recover.augment.crop_scale=[0, 1]", "crop_scale must satisfy 0 < lower <= upper <= 1"),
+        ("relabel.augment.crop_scale=[0.5, 1.2]", "crop_scale must satisfy"),
+        ("relabel.temperature=0", "'relabel.temperature': Input should be greater than 0"),
+        ("squeeze.lr=-1", "'squeeze.lr': Input should be greater than 0"),
+        ("recover.ipc=ten", "'recover.ipc': Input should be a valid integer"),
+        ("data.name=imagenet", "'data.name'"),
+        ("ray.address", "not key=value"),
+    ],
+)
+def test_config_values_fail_in_one_line(capsys, tmp_path: Path, override: str, expect: str) -> None:
+    assert expect in _fail(capsys, f"output_dir={tmp_path}", override)
+    assert not any(tmp_path.iterdir()), "nothing written for a refused config"
+
+
+def test_missing_or_empty_dataset_folder(capsys, tmp_path: Path) -> None:
+    folder = ["data.name=imagefolder", "data.image_size=12", f"output_dir={tmp_path / 'out'}"]
+    assert "not found; set data.root" in _fail(capsys, *folder, f"data.root={tmp_path / 'nowhere'}")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert "has no class folders" in _fail(capsys, *folder, f"data.root={tmp_path / 'empty'}")
+    (tmp_path / "empty" / "train" / "cat").mkdir()
+    assert "has class folders but no images" in _fail(capsys, *folder, f"data.root={tmp_path / 'empty'}")
+
+
+def test_odd_class_folder_names_stay_inside_the_output(capsys, tmp_path: Path) -> None:
+    """Class folders named like `..x`, `a\\b` or with spaces: the run works and writes only under output_dir."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    _image_folder(data, 3, classes=("..sneaky", "a\\b", "c d"))
+    rc = cli.main(["recover", TINY, f"data.root={data}", "data.name=imagefolder", "data.image_size=12", f"output_dir={out}",
+                   "tracking.enabled=false", "ray.enabled=false", "recover.ipc=1", "recover.iterations=2"])
+    assert rc == 2, "recover needs a teacher first"
+    capsys.readouterr()
+    args = [f"data.root={data}", "data.name=imagefolder", "data.image_size=12", f"output_dir={out}", "tracking.enabled=false",
+            "ray.enabled=false", "recover.ipc=1", "recover.iterations=2", "squeeze.epochs=1", "squeeze.batch_size=4"]
+    assert cli.main(["squeeze", TINY, *args]) == 0 and cli.main(["recover", TINY, *args]) == 0
+    written = [p.resolve() for p in out.rglob("*.png")]
+    assert len(written) == 3 + 1  # 3 classes x ipc 1, plus the grid
+    assert all(p.is_relative_to(out.resolve()) for p in written)
+    assert sorted(p.parent.name for p in (out / "synthetic").rglob("*.png")) == ["00000_sneaky", "00001_a_b", "00002_c_d"]
+
+
+def test_ipc_larger_than_a_class(capsys, tmp_path: Path) -> None:
+    """The real-subset baseline needs ipc real images per class; 2 classes of 3 images cannot give ipc 4."""
+    data = tmp_path / "data"
+    _image_folder(data, 3)
+    err = _fail(capsys, f"data.root={data}", "data.name=imagefolder", "data.image_size=12", f"output_dir={tmp_path / 'out'}",
+                "recover.ipc=4", "recover.iterations=2", "squeeze.epochs=1", "squeeze.batch_size=4", "relabel.epochs=1",
+                "data.train_limit=null", "data.val_limit=null")
+    assert "ipc 4 is larger than class 'cat' (3 images); lower recover.ipc" in err
+
+
+def test_unknown_model(capsys, tmp_path: Path) -> None:
+    assert "unknown model 'vgg11'; choose one of" in _fail(capsys, f"output_dir={tmp_path}", "squeeze.model.name=vgg11", command="squeeze")
+
+
+@pytest.mark.parametrize("kind", ["classes", "arch", "garbage"])
+def test_teacher_checkpoint_that_does_not_fit(capsys, tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "teacher.pt"
+    if kind == "classes":  # the tiny teacher's architecture, 5 classes instead of Fashion-MNIST's 10
+        torch.save(create_model("convnet", 5, 1, 28, depth=2, width=8).state_dict(), path)
+        expect = "do not fit model 'convnet' with 10 classes"
+    elif kind == "arch":
+        torch.save(create_model("tiny_bn", 10, 1, 28).state_dict(), path)
+        expect = "do not fit model 'convnet'"
+    else:
+        path.write_bytes(b"not a checkpoint at all")
+        expect = "not a plain state dict"
+    err = _fail(capsys, f"output_dir={tmp_path / 'out'}", f"squeeze.checkpoint={path}", command="squeeze")
+    assert expect in err and "teacher.pt" not in {p.name for p in (tmp_path / "out").glob("*")}
+
+
+@pytest.mark.parametrize("address, expect", [("127.0.0.1:1", "is unreachable"), ("nonsense", "is not host:port")])
+def test_unreachable_ray_address_fails_fast(capsys, tmp_path: Path, address: str, expect: str, monkeypatch) -> None:
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("this process already joined a Ray cluster; ensure_ray would reuse it")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    t0 = time.perf_counter()
+    rc = cli.main(["squeeze", TINY, f"data.root={ROOT / 'data'}", f"output_dir={tmp_path}", "tracking.enabled=false",
+                   "ray.enabled=true", f"ray.address={address}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and expect in lines[-1] and lines[-1].startswith("sre2l: error:"), lines[-3:]
+    assert time.perf_counter() - t0 < 20, "fails in seconds, not after Ray's minutes of retries"
+    assert not ray.is_initialized()
