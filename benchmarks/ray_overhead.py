@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from sre2l_ray import pipeline  # noqa: E402
 from sre2l_ray.config import Config, load_config  # noqa: E402
-from sre2l_ray.data.datasets import STATS, load_split  # noqa: E402
+from sre2l_ray.data.datasets import STATS  # noqa: E402
 from sre2l_ray.runtime import resolve_device, set_threads  # noqa: E402
 from sre2l_ray.stages.recover import plan_shards  # noqa: E402
 from sre2l_ray.stages.relabel import train_student  # noqa: E402

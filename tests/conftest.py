@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -39,3 +45,38 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], offset: int) -> Iterator[str]:
+    """A real token-auth head node of our own (own ports from `offset`, own temp dir), yielding its job-server
+    address once it answers. Stopped by ending its process group, never `ray stop`, which would kill every Ray
+    process on the machine, other people's clusters included."""
+    bin_dir = Path(sys.executable).parent
+    temp = Path(f"/tmp/ray{offset}-{os.getpid()}")  # short: Ray's unix sockets live under it
+    dashboard = 8270 + offset
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={6385 + offset}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+         f"--ray-client-server-port={23385 + offset}", f"--min-worker-port={20000 + 1000 * offset}",
+         f"--max-worker-port={20999 + 1000 * offset}", f"--dashboard-agent-listen-port={52385 + offset}", f"--temp-dir={temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 90
+        while subprocess.run([str(bin_dir / "ray"), "job", "list", f"--address={address}"], env=env, capture_output=True).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        yield address
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)  # the group we created: the head and everything it started
+                head.wait(30)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(temp, ignore_errors=True)

@@ -29,7 +29,7 @@ from torchvision.io import decode_png
 from sre2l_ray import cli
 from sre2l_ray.checkpoint import load_checkpoint
 
-from conftest import ROOT
+from conftest import ROOT, ray_head
 
 pytestmark = [pytest.mark.slow]
 
@@ -199,21 +199,9 @@ def test_unwritable_output_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
 # ---------------------------------------------------------------- Ray: a whole job stopped, then actors and workers
 
 
-GCS_PORT, DASHBOARD_PORT = 6393, 8278
-
-
 @pytest.mark.ray
 def test_ray_job_stop_mid_run_rerun_is_identical(reference: Path, tmp_path: Path) -> None:
     env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # this Ray's job server wants a token
-    temp = Path(f"/tmp/rayf{os.getpid()}")  # short: Ray's unix sockets live under it
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}",
-         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
-         "--ray-client-server-port=23393", "--min-worker-port=26000", "--max-worker-port=26999",
-         "--dashboard-agent-listen-port=52393", f"--temp-dir={temp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
     def job(command: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "ray"), "job", command, f"--address={address}", *args], env=env, capture_output=True, text=True, cwd=ROOT)
@@ -223,11 +211,7 @@ def test_ray_job_stop_mid_run_rerun_is_identical(reference: Path, tmp_path: Path
         return not any(s in status for s in ("succeeded", "failed", "stopped"))
 
     out = tmp_path / "out"
-    try:
-        deadline = time.monotonic() + 90
-        while job("list").returncode != 0:
-            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
-            time.sleep(2)
+    with ray_head(env, offset=8) as address:
         job_id = f"sre2l-fault-{secrets.token_hex(4)}"
         stage = RNG.choice(["squeeze", "recover"])  # early enough that the stop (a CLI call) lands before the end
         sub = job("submit", f"--submission-id={job_id}", "--no-wait", f"--working-dir={ROOT}", "--", "python", "jobs/pipeline.py",
@@ -252,17 +236,6 @@ def test_ray_job_stop_mid_run_rerun_is_identical(reference: Path, tmp_path: Path
             assert time.monotonic() < deadline, "the job did not stop"
             time.sleep(1)
         assert "stopped" in job("status", job_id).stdout.lower()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)  # our own head's process group, never `ray stop` (other clusters)
-                head.wait(30)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        shutil.rmtree(temp, ignore_errors=True)
     assert not (out / "results.json").exists(), f"the job was stopped in {stage}, before the end"
     assert_nothing_partial(out)
     _run(out)
