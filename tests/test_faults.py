@@ -200,7 +200,12 @@ def test_unwritable_output_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.ray
-def test_ray_job_stop_mid_run_rerun_is_identical(reference: Path, tmp_path: Path) -> None:
+def test_ray_job_stop_mid_run_rerun_is_identical(tmp_path: Path) -> None:
+    # A longer relabel than the shared reference: the job server takes seconds to act on a stop, and the stop must
+    # land before a tiny run could finish on its own. Its own uninterrupted reference, same settings.
+    longer = ("relabel.epochs=60",)
+    reference = tmp_path / "reference"
+    _run(reference, *longer)
     env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # this Ray's job server wants a token
 
     def job(command: str, *args: str) -> subprocess.CompletedProcess:
@@ -215,7 +220,7 @@ def test_ray_job_stop_mid_run_rerun_is_identical(reference: Path, tmp_path: Path
         job_id = f"sre2l-fault-{secrets.token_hex(4)}"
         stage = RNG.choice(["squeeze", "recover"])  # early enough that the stop (a CLI call) lands before the end
         sub = job("submit", f"--submission-id={job_id}", "--no-wait", f"--working-dir={ROOT}", "--", "python", "jobs/pipeline.py",
-                  "--config", "configs/tiny.yaml", f"output_dir={out}", "ray.enabled=false", *SETTINGS)
+                  "--config", "configs/tiny.yaml", f"output_dir={out}", "ray.enabled=false", *SETTINGS, *longer)
         assert sub.returncode == 0, sub.stderr
         last_check = [time.monotonic()]
 
@@ -238,7 +243,7 @@ def test_ray_job_stop_mid_run_rerun_is_identical(reference: Path, tmp_path: Path
         assert "stopped" in job("status", job_id).stdout.lower()
     assert not (out / "results.json").exists(), f"the job was stopped in {stage}, before the end"
     assert_nothing_partial(out)
-    _run(out)
+    _run(out, *longer)
     assert_same(out, reference)
 
 
