@@ -2,7 +2,9 @@
 
 Random numbers come from a counter-based hash of (seed, epoch, image index, draw), not from a stateful generator, so
 the view of an image in an epoch is the same whatever the batch size, worker count or order: relabel can replay
-views instead of storing them. A crop, resize and flip of a whole batch is one `grid_sample`.
+views instead of storing them. A crop, resize and flip of a whole batch is one `grid_sample`, and every image gets
+its own crop (the reference implementation draws one crop per batch; per-image crops give each image its own view
+at the same cost).
 """
 
 from __future__ import annotations
