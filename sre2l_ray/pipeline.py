@@ -78,8 +78,10 @@ def run_squeeze(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]
     device = _setup(cfg)
     path = teacher_path(cfg)
     key = cfg.hash("seed", "data", "squeeze")
-    if path.is_file() and load_checkpoint(path).get("config_hash") == key:
-        return load_checkpoint(path)["metrics"]
+    if path.is_file():
+        done = load_checkpoint(path)
+        if done.get("config_hash") == key:
+            return done["metrics"]
     with tracker.run("squeeze", nested=True), measure() as stats:
         train, val = load_split(cfg.data, train=True), load_split(cfg.data, train=False)
         if cfg.squeeze.checkpoint:
