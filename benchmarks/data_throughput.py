@@ -13,7 +13,6 @@ Writes benchmarks/results/data_throughput.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import write_result  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from torchvision.io import encode_jpeg  # noqa: E402
 
 from sre2l_ray.config import AugmentConfig, DataConfig  # noqa: E402
@@ -122,9 +122,7 @@ def main() -> None:
         "shard_local_s": shard_s, "shard_mb": args.shard_mb, "shards": n_shards,
         "ray_data_img_per_s": ray_rate, "dataloader_img_per_s": dl_rate, "ray_images": ray_n, "dataloader_images": dl_n,
     }
-    out = ROOT / "benchmarks/results/data_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result("data_throughput", result, torch.device("cpu"))
     print(f"### Decode + RandomResizedCrop + flip, {args.images} JPEGs at {SIZE} px ({src_bytes / 2**20:.1f} MB), {args.workers} workers\n")
     print("| loader | images/s |")
     print("|---|---:|")

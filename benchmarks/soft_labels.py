@@ -14,7 +14,6 @@ Writes benchmarks/results/soft_labels.json and prints markdown tables.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from _common import write_result  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 from sre2l_ray.config import load_config  # noqa: E402
 from sre2l_ray.data.datasets import STATS, ImageSet, load_split  # noqa: E402
@@ -106,9 +106,7 @@ def main() -> None:
         st = storage(Path(d) / "storage")
         acc = accuracy(Path(d) / "acc")
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU", "storage": st, "accuracy": acc}
-    out = ROOT / "benchmarks/results/soft_labels.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result("soft_labels", result, torch.device("cpu"))
     print(f"### Soft-label storage ({st['classes']} classes, {st['images']} images, {st['epochs']} epochs, k={st['k']})\n")
     print("| store | bytes | bytes/view | ratio to full fp16 |")
     print("|---|---:|---:|---:|")
