@@ -63,7 +63,7 @@ def time_recover(cfg: Config, base: Path, name: str, ray_on: bool) -> float:
 
         recover_on_actors(c, store, meta, todo, lambda s, log: None)
     else:
-        pipeline.recover_local(c, store, meta, todo, resolve_device(c.device), lambda s, log: None)
+        pipeline.recover_local(c, store, meta, todo, lambda s, log: None)
     wall = time.perf_counter() - t0
     assert len(store.done_shards()) == len(todo)
     return wall

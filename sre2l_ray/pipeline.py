@@ -14,6 +14,7 @@ in `distributed/` instead of running in this process. Outputs:
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from sre2l_ray.data.synthetic import SyntheticStore, atomic_write_bytes, atomic_
 from sre2l_ray.models import create_model
 from sre2l_ray.runtime import StageStats, measure, resolve_device, set_threads
 from sre2l_ray.stages.evaluate import evaluate
-from sre2l_ray.stages.recover import BNStatHooks, plan_shards, prepare_teacher, recover_shard
+from sre2l_ray.stages.recover import BNStatHooks, Shard, plan_shards, prepare_teacher, recover_shard
 from sre2l_ray.stages.relabel import freeze, train_student
 from sre2l_ray.stages.squeeze import train_teacher
 from sre2l_ray.tracking import Tracker
@@ -123,26 +124,47 @@ def _teacher_meta(cfg: Config) -> dict[str, Any]:
     return load_checkpoint(path)
 
 
-def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list, device: torch.device, progress) -> None:
-    """Recover shards one after another in this process."""
-    from sre2l_ray.data.datasets import STATS
+class ShardRecoverer:
+    """One recovery worker: the frozen teacher with its BN hooks, built once, then any number of shards.
 
-    mean, std, _ = STATS[cfg.data.name]
-    teacher = prepare_teacher(load_teacher(cfg, device), cfg.recover)
-    ref = ImageSet(torch.empty(0), torch.empty(0), store.classes, mean, std)
-    bounds = ref.pixel_bounds(device)
-    shape = (int(meta["channels"]), int(meta["size"]), int(meta["size"]))
-    with BNStatHooks(teacher) as hooks:
-        for shard in todo:
-            images, log = recover_shard(teacher, hooks, shard, cfg.recover, cfg.seed, bounds, shape, cfg.channels_last, log_every=100)
-            store.write_shard(shard.id, [c for c, _ in shard.targets()], [k for _, k in shard.targets()], to_uint8(images, mean, std), {"final_loss": log[-1]})
-            progress(shard, log)
+    Used in-process by `recover_local` and as a Ray actor by distributed/recover.py (hence the plain-dict config).
+    """
+
+    def __init__(self, cfg_dump: dict[str, Any], store: SyntheticStore, meta: dict[str, Any], threads: int | None):
+        from sre2l_ray.data.datasets import STATS
+
+        self.cfg = Config.model_validate(cfg_dump)
+        set_threads(threads)
+        device = resolve_device(self.cfg.device)
+        self.store = store
+        self.mean, self.std, _ = STATS[self.cfg.data.name]
+        self.teacher = prepare_teacher(load_teacher(self.cfg, device), self.cfg.recover)
+        self.hooks = BNStatHooks(self.teacher)
+        self.bounds = ImageSet(torch.empty(0), torch.empty(0), store.classes, self.mean, self.std).pixel_bounds(device)
+        self.shape = (int(meta["channels"]), int(meta["size"]), int(meta["size"]))
+
+    def run(self, shard: Shard, attempt: int = 1) -> list[dict[str, float]]:
+        """Recover one shard, write it (marker last), return its loss log."""
+        images, log = recover_shard(
+            self.teacher, self.hooks, shard, self.cfg.recover, self.cfg.seed, self.bounds, self.shape, self.cfg.channels_last, log_every=100
+        )
+        targets = shard.targets()
+        info = {"final_loss": log[-1], "attempt": attempt, "pid": os.getpid()}
+        self.store.write_shard(shard.id, [c for c, _ in targets], [k for _, k in targets], to_uint8(images, self.mean, self.std), info)
+        return log
+
+
+def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress) -> None:
+    """Recover shards one after another in this process."""
+    worker = ShardRecoverer(cfg.model_dump(mode="json"), store, meta, cfg.threads)
+    for shard in todo:
+        progress(shard, worker.run(shard))
 
 
 def run_recover(cfg: Config, tracker: Tracker | None = None) -> Path:
     """Synthesise classes x ipc images; shards already on disk are skipped."""
     tracker = tracker or Tracker(cfg)
-    device = _setup(cfg)
+    _setup(cfg)
     meta = _teacher_meta(cfg)
     store = synthetic_store(cfg, list(meta["classes"]))
     store.open()
@@ -165,7 +187,7 @@ def run_recover(cfg: Config, tracker: Tracker | None = None) -> Path:
 
                 recover_on_actors(cfg, store, meta, todo, progress)
             else:
-                recover_local(cfg, store, meta, todo, device, progress)
+                recover_local(cfg, store, meta, todo, progress)
         bar.close()
         store.finalize()
         grid = save_grid(cfg, store)

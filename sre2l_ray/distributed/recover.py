@@ -19,52 +19,23 @@ batch without that effect.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections import deque
 from typing import Any, Callable
 
 import ray
-import torch
 from ray.exceptions import RayActorError
 
 from sre2l_ray.config import Config
-from sre2l_ray.data.datasets import STATS, ImageSet, to_uint8
 from sre2l_ray.data.synthetic import SyntheticStore
 from sre2l_ray.distributed.cluster import ensure_ray, threads_for, use_gpu
-from sre2l_ray.runtime import resolve_device, set_threads
-from sre2l_ray.stages.recover import BNStatHooks, Shard, prepare_teacher, recover_shard
+from sre2l_ray.pipeline import ShardRecoverer
+from sre2l_ray.stages.recover import Shard
 
 ACTOR_PREFIX = "sre2l-recover"
 
 
-class ShardRecoverer:
-    """One recovery worker: the frozen teacher with its BN hooks, built once, then any number of shards."""
-
-    def __init__(self, cfg_dump: dict[str, Any], store: SyntheticStore, meta: dict[str, Any], threads: int):
-        from sre2l_ray.pipeline import load_teacher
-
-        self.cfg = Config.model_validate(cfg_dump)
-        set_threads(threads)
-        device = resolve_device(self.cfg.device)
-        self.store = store
-        self.mean, self.std, _ = STATS[self.cfg.data.name]
-        self.teacher = prepare_teacher(load_teacher(self.cfg, device), self.cfg.recover)
-        self.hooks = BNStatHooks(self.teacher)
-        self.bounds = ImageSet(torch.empty(0), torch.empty(0), store.classes, self.mean, self.std).pixel_bounds(device)
-        self.shape = (int(meta["channels"]), int(meta["size"]), int(meta["size"]))
-
-    def run(self, shard: Shard, attempt: int) -> list[dict[str, float]]:
-        """Recover one shard, write it (marker last), return its loss log."""
-        images, log = recover_shard(
-            self.teacher, self.hooks, shard, self.cfg.recover, self.cfg.seed, self.bounds, self.shape, self.cfg.channels_last, log_every=100
-        )
-        targets = shard.targets()
-        info = {"final_loss": log[-1], "attempt": attempt, "pid": os.getpid()}
-        self.store.write_shard(shard.id, [c for c, _ in targets], [k for _, k in targets], to_uint8(images, self.mean, self.std), info)
-        return log
-
-
+# The in-process recovery worker (pipeline.ShardRecoverer), as a Ray actor.
 RecoverActor = ray.remote(ShardRecoverer)
 
 
