@@ -171,6 +171,9 @@ class TuneConfig(_Group):
     cpus_per_trial: float = Field(1.0, gt=0)
     asha: bool = True
     """ASHA early stopping on relabel epochs (val top-1)."""
+    eval_every: int = Field(0, ge=0)
+    """Relabel epochs between a trial's val evaluations (each one an ASHA decision point and a resume point);
+    0 = about 10 per trial. Scoring the full val set every epoch can cost more than the student's training."""
 
 
 class Config(_Group):

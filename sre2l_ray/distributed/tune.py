@@ -3,7 +3,8 @@
 Stage reuse: one teacher serves every trial (squeeze runs once in the driver, cached by its config hash); recovery
 runs once per distinct recover setting, cached under ``<output_dir>/tune/stages/recover-<hash>/`` behind a file lock
 so two concurrent trials never both compute it. Each trial (a function trainable, stage cores in-process) trains a
-student on its synthetic set and reports val top-1 per relabel epoch, so ASHA can stop weak trials early. Each trial
+student on its synthetic set and reports val top-1 every `tune.eval_every` relabel epochs, so ASHA can stop weak
+trials early. Each trial
 is a child MLflow run of one `tune` parent run, ended FINISHED, FAILED or (interrupted search) KILLED. The best
 config is written to ``<output_dir>/tune/best.yaml``. Rerunning the same command resumes an interrupted search.
 """
@@ -176,8 +177,12 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["epoch"]) + 1
-    for epoch in range(start, cfg.relabel.epochs):
+    epochs = cfg.relabel.epochs
+    every = cfg.tune.eval_every or max(1, epochs // 10)
+    for epoch in range(start, epochs):
         train_m = relabel_epoch(cfg, student, opt, sched, data, loss, epoch)
+        if (epoch + 1) % every and epoch + 1 != epochs:
+            continue
         val_m = evaluate(student, val, cfg.evaluate.batch_size, cfg.channels_last)
         save_checkpoint(ckpt, model=student.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, key=key)
         metrics = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()}}
