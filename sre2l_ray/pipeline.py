@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config, to_yaml
-from sre2l_ray.data.datasets import ImageSet, load_split, stratified_indices, to_uint8
+from sre2l_ray.data.datasets import ImageSet, load_split, real_subset, to_uint8
 from sre2l_ray.data.synthetic import SyntheticStore, atomic_write_bytes, atomic_write_json
 from sre2l_ray.models import create_model
 from sre2l_ray.runtime import StageStats, measure, resolve_device, set_threads
-from sre2l_ray.stages.evaluate import evaluate
+from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
 from sre2l_ray.stages.recover import BNStatHooks, Shard, plan_shards, prepare_teacher, recover_shard
 from sre2l_ray.stages.relabel import freeze, train_student
 from sre2l_ray.stages.squeeze import train_teacher
@@ -49,6 +49,32 @@ def _record_stage(cfg: Config, stage: str, stats: StageStats) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data[stage] = {"wall_s": round(stats.wall_s, 3), "peak_rss_mb": round(stats.peak_rss_mb, 1), "peak_cuda_mb": round(stats.peak_cuda_mb, 1), **stats.extra}
     atomic_write_json(path, data)
+
+
+def streams(cfg: Config) -> bool:
+    """Shards under Ray are streamed by Ray Data (squeeze, val scoring) instead of decoded into memory."""
+    return cfg.data.name == "shards" and cfg.ray.enabled
+
+
+def val_scorer(cfg: Config) -> Callable[[nn.Module], dict[str, float]]:
+    """Scores a model on the real val split: held in memory, or streamed from shards (`streams`)."""
+    if not streams(cfg):
+        val = load_split(cfg.data, train=False)
+        return lambda model: evaluate(model, val, cfg.evaluate.batch_size, cfg.channels_last)
+    from sre2l_ray.data.datasets import shard_rows
+    from sre2l_ray.data.shards import read_manifest
+    from sre2l_ray.distributed.cluster import ensure_ray
+    from sre2l_ray.distributed.data import iter_image_batches, make_shard_dataset
+
+    ensure_ray(cfg)
+    bs, classes = cfg.evaluate.batch_size, len(read_manifest(cfg.data.root)["classes"])
+    ds = make_shard_dataset(cfg.data, False, batch_size=bs, rows=shard_rows(cfg.data, False))
+
+    def score(model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        return evaluate_batches(model, ((x, y) for x, y, _ in iter_image_batches(ds, bs, device)), classes, cfg.channels_last)
+
+    return score
 
 
 def teacher_path(cfg: Config) -> Path:
@@ -84,29 +110,34 @@ def run_squeeze(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]
         if done.get("config_hash") == key:
             return done["metrics"]
     with tracker.run("squeeze", nested=True), measure() as stats:
-        train, val = load_split(cfg.data, train=True), load_split(cfg.data, train=False)
-        if cfg.squeeze.checkpoint:
-            mc = cfg.squeeze.model.model_copy(update={"weights": cfg.squeeze.checkpoint})
-            model = create_model(mc.name, train.num_classes, train.channels, train.size, depth=mc.depth, width=mc.width, weights=mc.weights).to(device)
-            metrics = {f"val_{k}": v for k, v in evaluate(model, val, cfg.evaluate.batch_size, channels_last=False).items()}
+        bar = tqdm(total=cfg.squeeze.epochs, desc="squeeze", unit="epoch")
+
+        def on_epoch(epoch: int, m: dict[str, float]) -> None:
+            tracker.log_metrics(m, step=epoch)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if k in ("loss", "val_top1")})
+
+        if streams(cfg) and not cfg.squeeze.checkpoint:
+            from sre2l_ray.distributed.train import fit_teacher_from_shards
+
+            model, metrics, classes, shape = fit_teacher_from_shards(cfg, on_epoch)
         else:
-            bar = tqdm(total=cfg.squeeze.epochs, desc="squeeze", unit="epoch")
-
-            def on_epoch(epoch: int, m: dict[str, float]) -> None:
-                tracker.log_metrics(m, step=epoch)
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if k in ("loss", "val_top1")})
-
-            if cfg.ray.enabled:
+            train, val = load_split(cfg.data, train=True), load_split(cfg.data, train=False)
+            classes, shape = train.classes, train
+            if cfg.squeeze.checkpoint:
+                mc = cfg.squeeze.model.model_copy(update={"weights": cfg.squeeze.checkpoint})
+                model = create_model(mc.name, train.num_classes, train.channels, train.size, depth=mc.depth, width=mc.width, weights=mc.weights).to(device)
+                metrics = {f"val_{k}": v for k, v in evaluate(model, val, cfg.evaluate.batch_size, channels_last=False).items()}
+            elif cfg.ray.enabled:
                 from sre2l_ray.distributed.train import fit_teacher
 
                 model, metrics = fit_teacher(cfg, train, val, on_epoch)
             else:
                 model, metrics = train_teacher(cfg, train, val, device, out_dir(cfg) / "squeeze", on_epoch)
-            bar.close()
+        bar.close()
         save_checkpoint(
-            path, model=model.state_dict(), model_config=cfg.squeeze.model.model_dump(), num_classes=train.num_classes,
-            channels=train.channels, size=train.size, classes=train.classes, metrics=metrics, config_hash=key,
+            path, model=model.state_dict(), model_config=cfg.squeeze.model.model_dump(), num_classes=shape.num_classes,
+            channels=shape.channels, size=shape.size, classes=list(classes), metrics=metrics, config_hash=key,
         )
         tracker.log_metrics({f"teacher_{k}": v for k, v in metrics.items()})
     _record_stage(cfg, "squeeze", stats)
@@ -212,7 +243,7 @@ def save_grid(cfg: Config, store: SyntheticStore) -> Path:
     return path
 
 
-def _student(cfg: Config, name: str, data: ImageSet, teacher_soft: bool, tracker: Tracker, val: ImageSet) -> dict[str, float]:
+def _student(cfg: Config, name: str, data: ImageSet, teacher_soft: bool, tracker: Tracker, score: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
     """Train (or reuse) one student on `data` and evaluate it on the real val set."""
     work = out_dir(cfg) / "students" / name
     result_path = work / "metrics.json"
@@ -245,7 +276,7 @@ def _student(cfg: Config, name: str, data: ImageSet, teacher_soft: bool, tracker
                 loss = precomputed_student_loss(cfg, data.to(device), teacher, work / "soft_labels", source)
             student = train_student(cfg, data, teacher, device, work, on_epoch, loss=loss)
         bar.close()
-        metrics = evaluate(student, val, cfg.evaluate.batch_size, cfg.channels_last)
+        metrics = score(student)
         tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()})
     save_checkpoint(work / "model.pt", model=student.state_dict(), model_config=cfg.relabel.model.model_dump(), metrics=metrics)
     atomic_write_json(result_path, {"key": key, "metrics": metrics, "images": len(data)})
@@ -263,8 +294,7 @@ def run_relabel(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]
     store = synthetic_store(cfg, list(meta["classes"]))
     with measure() as stats:
         synthetic = store.as_image_set(mean, std)
-        val = load_split(cfg.data, train=False)
-        metrics = _student(cfg, "sre2l", synthetic, True, tracker, val)
+        metrics = _student(cfg, "sre2l", synthetic, True, tracker, val_scorer(cfg))
     _record_stage(cfg, "relabel", stats)
     return metrics
 
@@ -276,16 +306,15 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     meta = _teacher_meta(cfg)
     students: dict[str, dict[str, float]] = {}
     with tracker.run("evaluate", nested=True, log_config=False), measure() as stats:
-        val = load_split(cfg.data, train=False)
         sre2l = out_dir(cfg) / "students" / "sre2l" / "metrics.json"
         if not sre2l.is_file():
             raise FileNotFoundError(f"no SRe2L student at '{sre2l.parent}'; run `sre2l relabel` first")
         students["sre2l"] = json.loads(sre2l.read_text())["metrics"]
         if cfg.evaluate.baselines:
-            train = load_split(cfg.data, train=True)
-            subset = train.subset(stratified_indices(train.labels, cfg.recover.ipc, cfg.seed, train.classes))
-            students["real_soft"] = _student(cfg, "real_soft", subset, True, tracker, val)
-            students["real_hard"] = _student(cfg, "real_hard", subset, False, tracker, val)
+            subset = real_subset(cfg.data, cfg.recover.ipc, cfg.seed)
+            score = val_scorer(cfg)
+            students["real_soft"] = _student(cfg, "real_soft", subset, True, tracker, score)
+            students["real_hard"] = _student(cfg, "real_hard", subset, False, tracker, score)
         for name, m in students.items():
             tracker.log_metrics({f"{name}_{k}": v for k, v in m.items()})
     _record_stage(cfg, "evaluate", stats)

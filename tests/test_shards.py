@@ -192,3 +192,61 @@ def test_pipeline_squeeze_and_relabel_from_shards(folders: dict[str, Path], tmp_
     results = run_pipeline(cfg)
     assert results["dataset"] == "shards" and set(results["students"]) == {"sre2l", "real_soft", "real_hard"}
     assert 0 <= results["teacher"]["val_top1"] <= 100
+
+
+def test_real_subset_and_limits_read_only_the_rows_they_need(folders: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """The baselines' real subset and data.*_limit pick the same images from shards as from the whole split in memory,
+    decoding only the picked rows (an ImageNet-sized split is never decoded whole)."""
+    from sre2l_ray.data import shards as shards_mod
+    from sre2l_ray.data.datasets import real_subset, shard_rows, stratified_indices
+
+    shard_image_folder(folders["fm"], tmp_path / "s", shard_mb=0.02)
+    cfg = DataConfig(name="shards", root=str(tmp_path / "s"), image_size=28, train_limit=40, val_limit=7)
+    full = load_split(cfg, train=True)  # decodes the split, then applies train_limit
+    expect = full.subset(stratified_indices(full.labels, 3, seed=5, classes=full.classes))
+
+    decoded: list[int] = []
+    real_load = shards_mod.load_shard_split
+
+    def counting(cfg, train, size, rows=None):
+        assert rows is not None, "real_subset decoded a whole split"
+        decoded.append(len(rows))
+        return real_load(cfg, train, size, rows)
+
+    monkeypatch.setattr(shards_mod, "load_shard_split", counting)
+    got = real_subset(cfg, per_class=3, seed=5)
+    assert decoded == [30] and torch.equal(got.images, expect.images) and torch.equal(got.labels, expect.labels)
+
+    index, _ = shards_mod.split_labels(cfg, train=False)
+    assert shard_rows(cfg, train=False).tolist() == index[:7].tolist()
+    assert len(shard_rows(cfg, train=True)) == 40
+    assert shard_rows(cfg.model_copy(update={"train_limit": None}), train=True) is None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_pipeline_streams_shards(folders: dict[str, Path], tmp_path: Path, ray_local, monkeypatch) -> None:
+    """With Ray on, squeeze trains from a Ray Data stream in Ray Train and val is scored from a stream: the driver
+    never decodes a whole split, and the limits still select the same images."""
+    from sre2l_ray.data import shards as shards_mod
+    from sre2l_ray.pipeline import run_pipeline
+
+    real_load = shards_mod.load_shard_split
+
+    def rows_only(cfg, train, size, rows=None):
+        assert rows is not None, "the Ray pipeline decoded a whole split into memory"
+        return real_load(cfg, train, size, rows)
+
+    monkeypatch.setattr(shards_mod, "load_shard_split", rows_only)
+    shard_image_folder(folders["fm"], tmp_path / "s", shard_mb=0.02)
+    cfg = load_config(ROOT / "configs/tiny.yaml", [
+        f"output_dir={tmp_path / 'run'}", "ray.enabled=true", "ray.cpus_per_worker=0.5", "data.name=shards",
+        f"data.root={tmp_path / 's'}", "data.image_size=28", "data.train_limit=40", "data.val_limit=20",
+    ])
+    results = run_pipeline(cfg)
+    assert set(results["students"]) == {"sre2l", "real_soft", "real_hard"}
+    # 20 val images: every accuracy is a multiple of 5 %.
+    for m in [results["teacher"], *({f"val_{k}": v for k, v in s.items()} for s in results["students"].values())]:
+        assert m["val_top1"] % 5 == pytest.approx(0, abs=1e-6) or m["val_top1"] % 5 == pytest.approx(5, abs=1e-6)
+    images = json.loads((tmp_path / "run" / "students" / "real_soft" / "metrics.json").read_text())["images"]
+    assert images == cfg.recover.ipc * 10

@@ -206,11 +206,43 @@ def load_split(cfg: DataConfig, train: bool) -> ImageSet:
             images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
             images = images.round().clamp(0, 255).to(torch.uint8)
     ds = ImageSet(images, labels, classes, mean, std)
+    keep = _limit_positions(cfg, train, ds.labels, classes)
+    return ds if keep is None else ds.subset(keep)
+
+
+def _limit_positions(cfg: DataConfig, train: bool, labels: torch.Tensor, classes: list[str]) -> torch.Tensor | None:
+    """Positions kept by data.train_limit (seeded, stratified) or data.val_limit (the first N); None keeps all."""
     limit = cfg.train_limit if train else cfg.val_limit
-    if limit is not None and limit < len(ds):
-        if train:
-            per_class = max(1, limit // ds.num_classes)
-            ds = ds.subset(stratified_indices(ds.labels, per_class, seed=1234, classes=classes))
-        else:
-            ds = ds.subset(torch.arange(limit))
-    return ds
+    if limit is None or limit >= len(labels):
+        return None
+    if not train:
+        return torch.arange(limit)
+    return stratified_indices(labels, max(1, limit // len(classes)), seed=1234, classes=classes)
+
+
+def shard_rows(cfg: DataConfig, train: bool) -> np.ndarray | None:
+    """The shard rows (`index` values) the split's limit keeps, so a stream reads the same images as `load_split`;
+    None = every row."""
+    from sre2l_ray.data.shards import read_manifest, split_labels
+
+    index, labels = split_labels(cfg, train)
+    keep = _limit_positions(cfg, train, labels, list(read_manifest(cfg.root)["classes"]))
+    return None if keep is None else index[keep.numpy()]
+
+
+def real_subset(cfg: DataConfig, per_class: int, seed: int) -> ImageSet:
+    """A seeded random `per_class` images per class of the training split (after data.train_limit), as the real-data
+    baselines train on. Shards decode only the picked rows, so this stays cheap on ImageNet-sized splits."""
+    if cfg.name != "shards":
+        train = load_split(cfg, train=True)
+        return train.subset(stratified_indices(train.labels, per_class, seed, train.classes))
+    from sre2l_ray.data.shards import load_shard_split, read_manifest, split_labels
+
+    mean, std, native = STATS[cfg.name]
+    classes = list(read_manifest(cfg.root)["classes"])
+    index, labels = split_labels(cfg, train=True)
+    pos = _limit_positions(cfg, True, labels, classes)
+    pos = torch.arange(len(labels)) if pos is None else pos
+    pick = pos[stratified_indices(labels[pos], per_class, seed, classes)]
+    images, labels, _ = load_shard_split(cfg, True, cfg.image_size or native, rows=index[pick.numpy()])
+    return ImageSet(images, labels, classes, mean, std)

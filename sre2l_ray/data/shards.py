@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -259,13 +261,32 @@ def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
         ) from None
 
 
-def load_shard_split(cfg: DataConfig, train: bool, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Decode a whole split into memory (small sets): uint8 [N, 3, size, size] in source order, labels, classes."""
+def split_labels(cfg: DataConfig, train: bool) -> tuple[np.ndarray, torch.Tensor]:
+    """(index, label) of every row of a split in source order, read from the small columns only (no image bytes)."""
+    split = cfg.train_dir if train else cfg.val_dir
+    tables = [read_shard(f, columns=["index", "label"]) for f in shard_files(cfg.root, split)]
+    table = (pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(["index", "label"])).sort_by("index")
+    return table.column("index").to_numpy(), torch.tensor(table.column("label").to_numpy(), dtype=torch.long)
+
+
+def load_shard_split(cfg: DataConfig, train: bool, size: int, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode a split into memory: uint8 [N, 3, size, size] in source order, labels, classes. With `rows` (values of
+    the `index` column), only those rows, in the order given: a real subset of a large split without decoding it all."""
     split = cfg.train_dir if train else cfg.val_dir
     classes = read_manifest(cfg.root)["classes"]
-    tables = [read_shard(f) for f in shard_files(cfg.root, split)]
+    tables = []
+    for f in shard_files(cfg.root, split):
+        t = read_shard(f)
+        if rows is not None:
+            t = t.filter(pc.is_in(t.column("index"), value_set=pa.array(rows, type=pa.int64())))
+        tables.append(t)
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     table = table.sort_by("index")
+    if rows is not None:
+        found = table.column("index").to_numpy()
+        if len(found) != len(np.unique(rows)):
+            raise DatasetError(f"shards at '{cfg.root}' lack {len(np.unique(rows)) - len(found)} requested row(s) of '{split}'; rerun `sre2l shard`")
+        table = table.take(pa.array(np.searchsorted(found, rows)))
     images = torch.empty((table.num_rows, 3, size, size), dtype=torch.uint8)
     paths = table.column("path").to_pylist()
     for i, data in enumerate(table.column("image").to_pylist()):

@@ -12,6 +12,8 @@ import math
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 
@@ -60,13 +62,18 @@ def decode_augment(batch: dict[str, np.ndarray], size: int, aug: dict[str, Any] 
     return {"image": out, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
 
 
+def _keep_rows(batch: pa.Table, rows: np.ndarray) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column("index"), value_set=pa.array(rows)))
+
+
 def make_shard_dataset(
     data: DataConfig, train: bool, aug: AugmentConfig | None = None, size: int | None = None, batch_size: int = 64,
-    concurrency: int | None = None,
+    concurrency: int | None = None, rows: np.ndarray | None = None,
 ) -> ray.data.Dataset:
     """A streaming Dataset of decoded views of data.root/<train_dir|val_dir> shards (local folder or URI).
 
-    Training views get `aug` (default AugmentConfig()); evaluation views are resized and centre-cropped.
+    Training views get `aug` (default AugmentConfig()); evaluation views are resized and centre-cropped. `rows`
+    (values of the `index` column, e.g. from data.datasets.shard_rows) keeps only those rows, dropped before decoding.
     """
     if data.name != "shards":
         raise DatasetError(f"make_shard_dataset reads parquet shards; set data.name=shards (got {data.name!r})")
@@ -74,6 +81,8 @@ def make_shard_dataset(
     size = size or data.image_size or STATS["shards"][2]
     files = check_shards(data.root, split)  # a truncated shard fails here, in one line, not mid-epoch in a worker
     ds = ray.data.read_parquet(files).select_columns(["image", "label", "path", "index"])
+    if rows is not None:
+        ds = ds.map_batches(_keep_rows, fn_kwargs={"rows": np.asarray(rows, dtype=np.int64)}, batch_format="pyarrow", batch_size=None)
     if train:
         ds = ds.randomize_block_order()
     aug_kw = (aug or AugmentConfig()).model_dump() if train else None

@@ -2,7 +2,9 @@
 
 Each worker builds the model, wraps it with `ray.train.torch.prepare_model` (DDP when there are several workers;
 the frozen relabel teacher is never wrapped), and runs `squeeze_epoch` / `relabel_epoch` on its rank's share of
-each epoch. Every epoch ends with `ray.train.report(metrics, checkpoint)`; the checkpoint holds model, optimizer,
+each epoch. With data.name=shards the squeeze workers instead read their share of the training split as a Ray
+Data stream (read_parquet -> decode -> crop/flip, distributed/data.py) and rank 0 scores the streamed val split,
+so an ImageNet-sized split is never held in memory. Every epoch ends with `ray.train.report(metrics, checkpoint)`; the checkpoint holds model, optimizer,
 scheduler, epoch and the metrics history. The run is named from the stage and a hash of the config sections that
 decide its result, under `ray.storage_path` (default <output_dir>/ray), so rerunning the same stage resumes from the
 last checkpoint, and `FailureConfig(max_failures)` replaces a worker that dies and continues from that checkpoint.
@@ -16,9 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 import ray.train
@@ -33,8 +35,8 @@ from sre2l_ray.data.datasets import ImageSet
 from sre2l_ray.distributed.cluster import ensure_ray, threads_for, use_gpu
 from sre2l_ray.runtime import resolve_device, set_threads
 from sre2l_ray.stages import relabel, squeeze
-from sre2l_ray.stages.evaluate import evaluate
-from sre2l_ray.stages.training import build_model
+from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
+from sre2l_ray.stages.training import DataShape, SplitShape, build_model
 
 OnEpoch = Callable[[int, dict[str, float]], None]
 FAULT_ENV = "SRE2L_FAULT_FILE"
@@ -62,11 +64,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(threads_for(config["cpus"]))
     device = get_device()
-    data: ImageSet = ray.get(config["data"]).to(device)
+    stream = config.get("stream")  # squeeze on shards: batches come from Ray Data, the split never sits in memory
+    data: ImageSet | None = None if stream else ray.get(config["data"]).to(device)
+    shape = SplitShape(**stream["shape"]) if stream else data
     core = squeeze if kind == "squeeze" else relabel
     model_cfg = cfg.squeeze.model if kind == "squeeze" else cfg.relabel.model
-    model = prepare_model(build_model(model_cfg, data, device, cfg.channels_last, seed=cfg.seed))
-    opt, sched = core.make_optimizer(cfg, model, len(data), world)
+    model = prepare_model(build_model(model_cfg, shape, device, cfg.channels_last, seed=cfg.seed))
+    opt, sched = core.make_optimizer(cfg, model, stream["rows"] if stream else len(data), world)
     epochs = cfg.squeeze.epochs if kind == "squeeze" else cfg.relabel.epochs
 
     start, history, attempts = 0, [], []
@@ -81,7 +85,10 @@ def _train_loop(config: dict[str, Any]) -> None:
         start, history, attempts = int(state["epoch"]) + 1, list(state["history"]), list(state["attempts"])
     attempts.append(start)
 
-    if kind == "squeeze":
+    if kind == "squeeze" and stream:
+        shard = ray.train.get_dataset_shard("train")  # this rank's equal share, reshuffled block order each epoch
+        step = lambda epoch: squeeze.squeeze_stream_epoch(cfg, model, opt, sched, _xy(shard, cfg.squeeze.batch_size, device))  # noqa: E731
+    elif kind == "squeeze":
         step = lambda epoch: squeeze.squeeze_epoch(cfg, model, opt, sched, data, epoch, rank, world)  # noqa: E731
     else:
         from sre2l_ray.pipeline import load_teacher
@@ -98,10 +105,15 @@ def _train_loop(config: dict[str, Any]) -> None:
             Path(fault).unlink()
             raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV})")
         metrics = step(epoch)
-        if kind == "squeeze" and rank == 0 and epoch == epochs - 1 and config["val"] is not None:
-            val = ray.get(config["val"])
-            scores = evaluate(getattr(model, "module", model), val, cfg.evaluate.batch_size, cfg.channels_last)
-            metrics.update({f"val_{k}": v for k, v in scores.items()})
+        if kind == "squeeze" and rank == 0 and epoch == epochs - 1:
+            net = getattr(model, "module", model)
+            if stream:
+                batches = _xy(ray.train.get_dataset_shard("val"), cfg.evaluate.batch_size, device)
+                scores = evaluate_batches(net, batches, shape.num_classes, cfg.channels_last)
+                metrics.update({f"val_{k}": v for k, v in scores.items()})
+            elif config["val"] is not None:
+                scores = evaluate(net, ray.get(config["val"]), cfg.evaluate.batch_size, cfg.channels_last)
+                metrics.update({f"val_{k}": v for k, v in scores.items()})
         history.append(metrics)
         # Reporting costs a sync and a checkpoint write (~1 s on CPU), more than a whole epoch on a small condensed
         # set: report about 20 times per run (and always at the end); resume replays at most that many epochs.
@@ -117,6 +129,12 @@ def _train_loop(config: dict[str, Any]) -> None:
                 checkpoint = Checkpoint.from_directory(d)
             # Metrics are rank 0's (its share of the epoch); every rank must call report the same number of times.
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _xy(shard: Any, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from sre2l_ray.distributed.data import iter_image_batches
+
+    return ((x, y) for x, y, _ in iter_image_batches(shard, batch_size, device))
 
 
 def _precomputed_loss(cfg: Config, data: ImageSet, teacher: nn.Module, where: dict[str, str], rank: int, world: int):
@@ -138,11 +156,24 @@ def _storage_path(cfg: Config) -> str:
 
 
 def run_training(
-    cfg: Config, kind: str, run_name: str, data: ImageSet, val: ImageSet | None = None, teacher: Path | None = None,
-    soft_labels: dict[str, str] | None = None,
+    cfg: Config, kind: str, run_name: str, data: ImageSet | None, val: ImageSet | None = None, teacher: Path | None = None,
+    soft_labels: dict[str, str] | None = None, stream: dict[str, Any] | None = None,
 ) -> TrainOutcome:
-    """Fit one model with a TorchTrainer (kind: squeeze or relabel); resumes the run `run_name` if it exists."""
+    """Fit one model with a TorchTrainer (kind: squeeze or relabel); resumes the run `run_name` if it exists.
+    With `stream` (squeeze only) the train and val splits are Ray Datasets read from shards instead of `data`/`val`."""
     ensure_ray(cfg)
+    datasets, dataset_config = None, None
+    if stream is not None:
+        from sre2l_ray.distributed.data import make_shard_dataset
+
+        size = stream["shape"]["size"]
+        datasets = {
+            "train": make_shard_dataset(cfg.data, True, cfg.squeeze.augment, size, cfg.squeeze.batch_size, rows=stream["train_rows"]),
+            "val": make_shard_dataset(cfg.data, False, size=size, batch_size=cfg.evaluate.batch_size, rows=stream["val_rows"]),
+        }
+        # Each worker trains on its share of train; rank 0 scores the whole val set.
+        dataset_config = ray.train.DataConfig(datasets_to_split=["train"])
+        stream = {k: v for k, v in stream.items() if k in ("shape", "rows")}
     gpu = use_gpu(cfg)
     resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     trainer = TorchTrainer(
@@ -150,10 +181,12 @@ def run_training(
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"), "kind": kind, "cpus": cfg.ray.cpus_per_worker,
             # Through the object store once, not pickled into every worker's config.
-            "data": ray.put(data), "val": ray.put(val) if val is not None else None,
+            "data": ray.put(data) if data is not None else None, "val": ray.put(val) if val is not None else None,
             "teacher": str(teacher.resolve()) if teacher else None, "fault_file": os.environ.get(FAULT_ENV),
-            "soft_labels": soft_labels,
+            "soft_labels": soft_labels, "stream": stream,
         },
+        datasets=datasets,
+        dataset_config=dataset_config,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(
@@ -180,7 +213,7 @@ def _replay(outcome: TrainOutcome, on_epoch: OnEpoch | None) -> None:
             on_epoch(epoch, metrics)
 
 
-def _driver_model(cfg: Config, model_cfg, data: ImageSet, state: dict[str, torch.Tensor]) -> nn.Module:
+def _driver_model(cfg: Config, model_cfg, data: DataShape, state: dict[str, torch.Tensor]) -> nn.Module:
     model = build_model(model_cfg, data, resolve_device(cfg.device), cfg.channels_last)
     model.load_state_dict(state)
     return model
@@ -192,6 +225,22 @@ def fit_teacher(cfg: Config, train: ImageSet, val: ImageSet, on_epoch: OnEpoch |
     outcome = run_training(cfg, "squeeze", name, train, val)
     _replay(outcome, on_epoch)
     return _driver_model(cfg, cfg.squeeze.model, train, outcome.model_state), outcome.history[-1]
+
+
+def fit_teacher_from_shards(cfg: Config, on_epoch: OnEpoch | None = None) -> tuple[nn.Module, dict[str, float], list[str], SplitShape]:
+    """Squeeze on Ray Train with both splits streamed from parquet shards by Ray Data (bounded memory at any size);
+    returns the teacher, its last-epoch metrics with val scores, the class names and the data shape."""
+    from sre2l_ray.data.datasets import STATS, shard_rows
+    from sre2l_ray.data.shards import read_manifest, split_labels
+
+    classes = list(read_manifest(cfg.data.root)["classes"])
+    shape = SplitShape(len(classes), 3, cfg.data.image_size or STATS["shards"][2])
+    train_rows, val_rows = shard_rows(cfg.data, True), shard_rows(cfg.data, False)
+    rows = len(train_rows) if train_rows is not None else len(split_labels(cfg.data, True)[0])
+    stream = {"shape": asdict(shape), "rows": rows, "train_rows": train_rows, "val_rows": val_rows}
+    outcome = run_training(cfg, "squeeze", f"squeeze-{cfg.hash('seed', 'data', 'squeeze')}", None, stream=stream)
+    _replay(outcome, on_epoch)
+    return _driver_model(cfg, cfg.squeeze.model, shape, outcome.model_state), outcome.history[-1], classes, shape
 
 
 def fit_student(cfg: Config, data: ImageSet, teacher_path: Path | None, name: str, on_epoch: OnEpoch | None = None) -> nn.Module:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
@@ -29,6 +30,24 @@ def squeeze_epoch(cfg: Config, model: nn.Module, opt, sched, data: ImageSet, epo
         model, opt, sched, data, loss, epoch=epoch, seed=cfg.seed, batch_size=sq.batch_size, aug=sq.augment,
         rank=rank, world=world, channels_last=cfg.channels_last,
     )
+
+
+def squeeze_stream_epoch(cfg: Config, model: nn.Module, opt, sched, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """One epoch over ready (augmented, normalised) batches, e.g. streamed from parquet shards by Ray Data."""
+    model.train()
+    total, count = torch.zeros(()), 0
+    for x, y in batches:
+        total = total.to(x.device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(model(x), y, label_smoothing=cfg.squeeze.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.detach() * len(y)  # no host sync per step
+        count += len(y)
+    return {"loss": float(total) / max(1, count), "lr": float(sched.get_last_lr()[0])}
 
 
 def train_teacher(

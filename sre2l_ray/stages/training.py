@@ -8,6 +8,7 @@ permutation for DDP; the permutation depends only on (seed, epoch), so a resumed
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import torch
@@ -25,7 +26,25 @@ class LossFn(Protocol):
     def __call__(self, logits: torch.Tensor, views: torch.Tensor, index: torch.Tensor, plan: ViewPlan) -> torch.Tensor: ...
 
 
-def build_model(cfg: ModelConfig, data: ImageSet, device: torch.device, channels_last: bool = True, seed: int | None = None) -> nn.Module:
+class DataShape(Protocol):
+    """What a model needs to know about its data: an ImageSet, or a SplitShape for data streamed from shards."""
+
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class SplitShape:
+    num_classes: int
+    channels: int
+    size: int
+
+
+def build_model(cfg: ModelConfig, data: DataShape, device: torch.device, channels_last: bool = True, seed: int | None = None) -> nn.Module:
     """A fresh model for `data`; with `seed`, its initial weights depend only on the seed, not on what this process
     drew before (a resumed pipeline builds fewer models than an uninterrupted one, yet must get the same ones)."""
     with torch.random.fork_rng(devices=[]):
