@@ -155,6 +155,9 @@ class RayConfig(_Group):
     use_gpu: bool | None = None
     """None = use GPUs when the cluster has them."""
     max_failures: int = Field(2, ge=0)
+    checkpoint_every_s: float = Field(10.0, ge=0)
+    """Seconds of training between Ray Train reports (metrics + checkpoint; a resume redoes at most this much);
+    0 = every epoch. Epochs longer than this are each reported."""
     storage_path: str | None = None
     """Ray Train storage (local/NFS path or s3://, gs://); None = <output_dir>/ray."""
 

@@ -35,7 +35,7 @@ def test_failed_run_resumes_on_rerun_and_a_failed_worker_is_replaced(ray_local, 
     fault = tmp_path / "fault"
     fault.touch()
     monkeypatch.setenv(FAULT_ENV, str(fault))
-    cfg = tiny_config("ray.enabled=true", "ray.max_failures=0", "squeeze.epochs=3")
+    cfg = tiny_config("ray.enabled=true", "ray.max_failures=0", "squeeze.epochs=3", "ray.checkpoint_every_s=0")
     train = load_split(cfg.data, train=True)
     # No retries: the worker raises at the start of epoch 1 and the run fails with epoch 0 checkpointed.
     with pytest.raises(RuntimeError, match="rerun to resume"):

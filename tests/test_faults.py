@@ -299,7 +299,7 @@ def test_failed_train_worker_gives_the_same_teacher(reference: Path, tmp_path: P
     fault.touch()
     monkeypatch.setenv(FAULT_ENV, str(fault))  # rank 0 raises once, after epoch 0's checkpoint
     out = tmp_path / "out"
-    cfg = load_config(TINY, [f"output_dir={out}", *SETTINGS, "ray.enabled=true", "ray.max_failures=1"])
+    cfg = load_config(TINY, [f"output_dir={out}", *SETTINGS, "ray.enabled=true", "ray.max_failures=1", "ray.checkpoint_every_s=0"])
     run_squeeze(cfg)
     assert not fault.exists(), "the worker failed once and its replacement finished"
     got, want = load_checkpoint(out / "teacher.pt"), load_checkpoint(reference / "teacher.pt")

@@ -4,10 +4,13 @@ Each worker builds the model, wraps it with `ray.train.torch.prepare_model` (DDP
 the frozen relabel teacher is never wrapped), and runs `squeeze_epoch` / `relabel_epoch` on its rank's share of
 each epoch. With data.name=shards the squeeze workers instead read their share of the training split as a Ray
 Data stream (read_parquet -> decode -> crop/flip, distributed/data.py) and rank 0 scores the streamed val split,
-so an ImageNet-sized split is never held in memory. Every epoch ends with `ray.train.report(metrics, checkpoint)`; the checkpoint holds model, optimizer,
-scheduler, epoch and the metrics history. The run is named from the stage and a hash of the config sections that
-decide its result, under `ray.storage_path` (default <output_dir>/ray), so rerunning the same stage resumes from the
-last checkpoint, and `FailureConfig(max_failures)` replaces a worker that dies and continues from that checkpoint.
+so an ImageNet-sized split is never held in memory.
+
+Epochs end with `ray.train.report(metrics, checkpoint)` (every epoch, or every `ray.checkpoint_every_s` seconds
+of training when epochs are short: see `_report_every`); the checkpoint holds model, optimizer, scheduler, epoch
+and the metrics history. The run is named from the stage and a hash of the config sections that decide its result,
+under `ray.storage_path` (default <output_dir>/ray), so rerunning the same stage resumes from the last checkpoint,
+and `FailureConfig(max_failures)` replaces a worker that dies and continues from that checkpoint.
 
 Test hook: when the driver's environment has SRE2L_FAULT_FILE=<path> and that file exists, rank 0 deletes it and
 raises once at the start of the next epoch after the first checkpoint; tests use it to prove resumption.
@@ -16,8 +19,10 @@ raises once at the start of the next epoch after the first checkpoint; tests use
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -100,11 +105,15 @@ def _train_loop(config: dict[str, Any]) -> None:
         step = lambda epoch: relabel.relabel_epoch(cfg, model, opt, sched, data, loss, epoch, rank, world)  # noqa: E731
 
     fault = config.get("fault_file")
+    every = 0  # epochs between reports, set from this attempt's first epoch
     for epoch in range(start, epochs):
         if fault and rank == 0 and epoch > 0 and Path(fault).exists():
             Path(fault).unlink()
             raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV})")
+        t0 = time.perf_counter()
         metrics = step(epoch)
+        if not every:
+            every = _report_every(time.perf_counter() - t0, cfg.ray.checkpoint_every_s, world, device)
         if kind == "squeeze" and rank == 0 and epoch == epochs - 1:
             net = getattr(model, "module", model)
             if stream:
@@ -115,9 +124,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 scores = evaluate(net, ray.get(config["val"]), cfg.evaluate.batch_size, cfg.channels_last)
                 metrics.update({f"val_{k}": v for k, v in scores.items()})
         history.append(metrics)
-        # Reporting costs a sync and a checkpoint write (~1 s on CPU), more than a whole epoch on a small condensed
-        # set: report about 20 times per run (and always at the end); resume replays at most that many epochs.
-        if (epoch + 1) % max(1, epochs // 20) and epoch != epochs - 1:
+        if (epoch + 1 - start) % every and epoch != epochs - 1:
             continue
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
@@ -129,6 +136,20 @@ def _train_loop(config: dict[str, Any]) -> None:
                 checkpoint = Checkpoint.from_directory(d)
             # Metrics are rank 0's (its share of the epoch); every rank must call report the same number of times.
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _report_every(epoch_s: float, interval_s: float, world: int, device: torch.device) -> int:
+    """Epochs between reports so that reports come about every `interval_s` seconds of training (0: every epoch).
+
+    A report blocks until the Train controller collects it, which it does once per poll (~2 s by default): on a
+    condensed set whose epoch takes 50 ms, reporting every epoch would make a run 40x slower. Ranks must report
+    equally often, so they agree on the smallest count."""
+    n = 1 if interval_s <= 0 else max(1, math.ceil(interval_s / max(epoch_s, 1e-6)))
+    if world > 1:
+        t = torch.tensor([n], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        n = int(t.item())
+    return n
 
 
 def _xy(shard: Any, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
