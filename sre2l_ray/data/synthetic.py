@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.io import decode_png, encode_png
 
 from sre2l_ray.data.datasets import DatasetError, ImageSet, safe_class_dirname
 
@@ -91,6 +90,8 @@ class SyntheticStore:
 
     def write_shard(self, shard_id: str, classes: list[int], ipc_indices: list[int], images_uint8: torch.Tensor, info: dict[str, Any] | None = None) -> None:
         """Write a shard's PNGs (one per (class, ipc index), in that order), then its completion marker."""
+        from torchvision.io import encode_png  # lazy: torchvision's import pulls in torch._dynamo
+
         images_uint8 = images_uint8.cpu()
         if images_uint8.shape[0] != len(classes):
             raise ValueError("one image per (class, ipc index) expected")
@@ -103,6 +104,8 @@ class SyntheticStore:
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as uint8 [N, C, H, W] with labels, class-major; errors if any image is missing."""
+        from torchvision.io import decode_png
+
         images, labels = [], []
         for c in range(len(self.classes)):
             for k in range(self.ipc):

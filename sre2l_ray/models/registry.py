@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from sre2l_ray.models.convnet import ConvNet, TinyBN
@@ -14,6 +13,8 @@ from sre2l_ray.models.convnet import ConvNet, TinyBN
 
 def _resnet(arch: str, small_stem: bool) -> Callable[..., nn.Module]:
     def build(num_classes: int, in_channels: int = 3, image_size: int = 224, weights: str | None = None, **_: object) -> nn.Module:
+        import torchvision  # here, not at module level: it pulls in torch._dynamo (~1.5 s per fresh Ray worker)
+
         tv_weights = weights if (weights and not Path(weights).suffix and not small_stem) else None
         model = getattr(torchvision.models, arch)(weights=tv_weights)
         if small_stem:
