@@ -7,19 +7,38 @@ import torch
 
 from sre2l_ray.config import RecoverConfig
 from sre2l_ray.models import create_model
-from sre2l_ray.stages.recover import BNStatHooks, channel_mean_var, plan_shards, prepare_teacher, recover_shard
+from sre2l_ray.stages.recover import BNStatHooks, bn_eval_with_stats, channel_mean_var, plan_shards, prepare_teacher, recover_shard
 
 
 class VarMeanHooks(BNStatHooks):
-    """The textbook BN-matching term: torch.var_mean over (N, H, W) with autograd's own backward."""
+    """The textbook BN-matching term: the layer's own forward, a forward hook taking torch.var_mean over (N, H, W)
+    of its input, autograd's own backward."""
 
-    def _hook(self, i: int):
+    def _attach(self, i: int, module):
         def hook(module, inputs, _out) -> None:
             var, mean = torch.var_mean(inputs[0].float(), dim=[0, 2, 3], unbiased=False)
-            self.stats[i] = (mean, var)
-            self.terms[i] = torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var)
+            self.record(i, module, mean, var)
 
-        return hook
+        return module.register_forward_hook(hook).remove
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_bn_with_stats_equals_bn_then_var_mean(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(6).double().eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+    x = torch.randn(5, 6, 4, 3, dtype=torch.float64) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y, mean, var = bn_eval_with_stats(bn, x)
+    ref_var, ref_mean = torch.var_mean(x, dim=[0, 2, 3], unbiased=False)
+    assert torch.allclose(y, bn(x)) and torch.allclose(mean, ref_mean) and torch.allclose(var, ref_var)
+    assert torch.autograd.gradcheck(lambda t: bn_eval_with_stats(bn, t), (x,))
+    with BNStatHooks(bn) as hooks:
+        assert torch.allclose(bn(x), y) and torch.allclose(hooks.stats[0][1], ref_var)
+    assert "forward" not in bn.__dict__, "remove() restores the layer's own forward"
 
 
 def _teacher(compile: bool = False) -> torch.nn.Module:
