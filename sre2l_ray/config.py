@@ -127,6 +127,10 @@ class RelabelConfig(_Group):
     soft_labels: Literal["online", "precomputed"] = "online"
     topk: int | None = Field(10, ge=1)
     """Precomputed labels: keep the teacher's top-k logits (None = full outputs)."""
+    compile: bool = False
+    """torch.compile student and teacher (opt-in; the first epoch pays the compile)."""
+    bf16: bool = False
+    """bf16 autocast of the student and teacher forwards on CUDA."""
 
 
 class EvaluateConfig(_Group):

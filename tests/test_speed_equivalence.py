@@ -98,3 +98,21 @@ def test_compiled_teacher_recovers_the_same_images_as_eager() -> None:
     eager = _recover(_teacher(), cfg=cfg)
     compiled = _recover(_teacher(compile=True), cfg=cfg.model_copy(update={"compile": True}))
     assert torch.allclose(eager, compiled, atol=1e-4), float((eager - compiled).abs().max())
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile on CPU needs a C compiler")
+def test_compiled_relabel_trains_the_same_student_as_eager(tmp_path) -> None:
+    from sre2l_ray.config import build_config
+    from sre2l_ray.data.datasets import ImageSet
+    from sre2l_ray.stages.relabel import train_student
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=g), torch.arange(8) % 4,
+                    ["a", "b", "c", "d"], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    students = []
+    for compile in (False, True):
+        cfg = build_config({"relabel": {"model": {"name": "convnet", "depth": 2, "width": 8}, "epochs": 2, "batch_size": 4, "compile": compile}})
+        students.append(train_student(cfg, data, _teacher(), torch.device("cpu"), tmp_path / str(compile)).state_dict())
+    eager, compiled = students
+    assert eager.keys() == compiled.keys(), "in-place compile keeps the checkpoint keys"
+    assert all(torch.allclose(eager[k].float(), compiled[k].float(), atol=1e-4) for k in eager)

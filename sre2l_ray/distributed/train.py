@@ -73,8 +73,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     data: ImageSet | None = None if stream else ray.get(config["data"]).to(device)
     shape = SplitShape(**stream["shape"]) if stream else data
     core = squeeze if kind == "squeeze" else relabel
-    model_cfg = cfg.squeeze.model if kind == "squeeze" else cfg.relabel.model
-    model = prepare_model(build_model(model_cfg, shape, device, cfg.channels_last, seed=cfg.seed))
+    if kind == "squeeze":
+        model = prepare_model(build_model(cfg.squeeze.model, shape, device, cfg.channels_last, seed=cfg.seed))
+    else:
+        model = prepare_model(relabel.build_student(cfg, data, device))
     opt, sched = core.make_optimizer(cfg, model, stream["rows"] if stream else len(data), world)
     epochs = cfg.squeeze.epochs if kind == "squeeze" else cfg.relabel.epochs
 

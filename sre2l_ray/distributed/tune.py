@@ -150,8 +150,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
     from sre2l_ray.pipeline import load_teacher, synthetic_store
     from sre2l_ray.runtime import resolve_device, set_threads
     from sre2l_ray.stages.evaluate import evaluate
-    from sre2l_ray.stages.relabel import make_optimizer, relabel_epoch, student_loss
-    from sre2l_ray.stages.training import build_model
+    from sre2l_ray.stages.relabel import build_student, make_optimizer, relabel_epoch, student_loss
 
     trial_id = tune.get_context().get_trial_id()
     work = Path(root) / "trials" / trial_id
@@ -166,7 +165,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
     data = synthetic_store(stage, list(meta["classes"])).as_image_set(mean, std).to(device)
     val = load_split(cfg.data, train=False)
     teacher = load_teacher(stage, device)
-    student = build_model(cfg.relabel.model, data, device, cfg.channels_last, seed=cfg.seed)
+    student = build_student(cfg, data, device)
     opt, sched = make_optimizer(cfg, student, len(data))
     loss = student_loss(cfg, data, teacher)
 

@@ -55,10 +55,20 @@ def make_optimizer(cfg: Config, model: nn.Module, n_items: int, world: int = 1):
     return opt, sched
 
 
+def build_student(cfg: Config, data: ImageSet, device: torch.device) -> nn.Module:
+    """A fresh student, seeded; compiled in place with relabel.compile (state_dict keys stay those of the model)."""
+    student = build_model(cfg.relabel.model, data, device, cfg.channels_last, seed=cfg.seed)
+    if cfg.relabel.compile:
+        student.compile()
+    return student
+
+
 def student_loss(cfg: Config, data: ImageSet, teacher: nn.Module | None) -> LossFn:
     """Soft labels from the teacher when given one, else hard labels (the hard-label baseline)."""
     if teacher is None:
         return hard_label_loss(data.labels)
+    if cfg.relabel.compile:
+        teacher.compile()
     return online_soft_loss(teacher, cfg.relabel.temperature)
 
 
@@ -66,7 +76,7 @@ def relabel_epoch(cfg: Config, model: nn.Module, opt, sched, data: ImageSet, los
     rl = cfg.relabel
     return train_epoch(
         model, opt, sched, data, loss, epoch=epoch, seed=cfg.seed, batch_size=rl.batch_size, aug=rl.augment,
-        cutmix=rl.cutmix, rank=rank, world=world, channels_last=cfg.channels_last,
+        cutmix=rl.cutmix, rank=rank, world=world, channels_last=cfg.channels_last, bf16=rl.bf16,
     )
 
 
@@ -80,7 +90,7 @@ def train_student(
     loss: LossFn | None = None,
 ) -> nn.Module:
     """Train a fresh student in-process; checkpoints to work_dir/last.pt every few epochs and resumes from it."""
-    student = build_model(cfg.relabel.model, data, device, cfg.channels_last, seed=cfg.seed)
+    student = build_student(cfg, data, device)
     opt, sched = make_optimizer(cfg, student, len(data))
     ckpt = work_dir / "last.pt"
     key = cfg.hash("seed", "relabel") + str(len(data))

@@ -115,11 +115,14 @@ def train_epoch(
     rank: int = 0,
     world: int = 1,
     channels_last: bool = True,
+    bf16: bool = False,
     on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One epoch over `data` (on the model's device); returns mean loss and the last learning rate."""
+    """One epoch over `data` (on the model's device); returns mean loss and the last learning rate.
+    `bf16` autocasts the forward passes (model and loss, so a teacher inside the loss too) on CUDA."""
     model.train()
     device = data.images.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     total, count = torch.zeros((), device=device), 0
     for index in epoch_indices(len(data), batch_size, seed, epoch, rank, world):
         index_dev = index.to(device)
@@ -127,8 +130,9 @@ def train_epoch(
         views = render_views(data.images, data.normalize, index_dev, plan, data.size)
         if channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
-        logits = model(views)
-        loss = loss_fn(logits, views, index_dev, plan)
+        with autocast:
+            logits = model(views)
+            loss = loss_fn(logits, views, index_dev, plan)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
