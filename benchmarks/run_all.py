@@ -30,7 +30,7 @@ SMALL_ARGS: dict[str, list[str]] = {
     "recover_speed": ["--steps", "5", "--warmup", "2"],
     "relabel_speed": ["--steps", "5", "--warmup", "2"],
 }
-SLOW = {"accuracy", "tune_cost", "data_throughput"}
+SLOW = {"accuracy", "tune_cost", "data_throughput", "tune_search", "soft_label_accuracy"}
 HARNESS_AWARE = {"recover_speed", "relabel_speed"}
 
 
