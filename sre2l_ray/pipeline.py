@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config, to_yaml
-from sre2l_ray.data.datasets import ImageSet, load_split, real_subset, to_uint8
+from sre2l_ray.data.datasets import ImageSet, check_subset_fits, load_split, real_subset, to_uint8
 from sre2l_ray.data.synthetic import SyntheticStore, atomic_write_bytes, atomic_write_json
 from sre2l_ray.models import create_model
 from sre2l_ray.runtime import StageStats, measure, resolve_device, set_threads
@@ -334,6 +334,8 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """Squeeze -> recover -> relabel -> evaluate under one parent MLflow run; each stage resumes what is done."""
+    if cfg.evaluate.baselines:
+        check_subset_fits(cfg.data, cfg.recover.ipc)
     tracker = Tracker(cfg)
     with tracker.run("pipeline"):
         run_squeeze(cfg, tracker)

@@ -91,6 +91,7 @@ def test_ipc_larger_than_a_class(capsys, tmp_path: Path) -> None:
                 "recover.ipc=4", "recover.iterations=2", "squeeze.epochs=1", "squeeze.batch_size=4", "relabel.epochs=1",
                 "data.train_limit=null", "data.val_limit=null")
     assert "ipc 4 is larger than class 'cat' (3 images); lower recover.ipc" in err
+    assert not (tmp_path / "out" / "teacher.pt").exists(), "refused before any stage ran"
 
 
 def test_unknown_model(capsys, tmp_path: Path) -> None:

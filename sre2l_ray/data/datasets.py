@@ -230,6 +230,22 @@ def shard_rows(cfg: DataConfig, train: bool) -> np.ndarray | None:
     return None if keep is None else index[keep.numpy()]
 
 
+def check_subset_fits(cfg: DataConfig, per_class: int) -> None:
+    """Fail now, in one line, if the training split (after data.train_limit) has a class with fewer than `per_class`
+    images, instead of at the evaluate stage hours later. Reads labels only where it can (shards, image folders)."""
+    if cfg.name == "shards":
+        from sre2l_ray.data.shards import read_manifest, split_labels
+
+        labels, classes = split_labels(cfg, train=True)[1], list(read_manifest(cfg.root)["classes"])
+    elif cfg.name == "imagefolder":
+        classes, items = scan_image_folder(Path(cfg.root) / cfg.train_dir)
+        labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
+    else:
+        _, labels, classes = _torchvision_split(cfg, train=True)
+    keep = _limit_positions(cfg, True, labels, classes)
+    stratified_indices(labels if keep is None else labels[keep], per_class, seed=0, classes=classes)
+
+
 def real_subset(cfg: DataConfig, per_class: int, seed: int) -> ImageSet:
     """A seeded random `per_class` images per class of the training split (after data.train_limit), as the real-data
     baselines train on. Shards decode only the picked rows, so this stays cheap on ImageNet-sized splits."""
