@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config, to_yaml
 from sre2l_ray.data.datasets import ImageSet, check_subset_fits, load_split, real_subset, to_uint8
-from sre2l_ray.data.synthetic import SyntheticStore, atomic_write_bytes, atomic_write_json
+from sre2l_ray.data.synthetic import SyntheticStore, atomic_write_bytes, atomic_write_json, sweep_stale_temps
 from sre2l_ray.models import create_model
 from sre2l_ray.runtime import StageStats, measure, resolve_device, set_threads
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
@@ -95,6 +95,7 @@ def load_teacher(cfg: Config, device: torch.device, path: Path | None = None) ->
 
 def _setup(cfg: Config) -> torch.device:
     set_threads(cfg.threads)
+    sweep_stale_temps(out_dir(cfg))
     atomic_write_bytes(out_dir(cfg) / "config.yaml", to_yaml(cfg).encode())
     return resolve_device(cfg.device)
 

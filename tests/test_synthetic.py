@@ -38,3 +38,26 @@ def test_corrupt_png_is_named(tmp_path: Path) -> None:
     store.image_path(0, 0).write_bytes(b"\x89PNG garbage")
     with pytest.raises(DatasetError, match="is corrupt"):
         store.load()
+
+
+def test_temps_left_by_a_killed_writer_are_swept_on_the_next_stage(tmp_path: Path, tiny_config) -> None:
+    """A SIGKILL mid-write leaves a hidden `.name.XXXX.tmp`; the next stage start deletes it, never a live one."""
+    import os
+    import time
+
+    from sre2l_ray.data.synthetic import sweep_stale_temps
+    from sre2l_ray.pipeline import run_squeeze
+
+    cfg = tiny_config()
+    out = Path(cfg.output_dir)
+    stale, live = out / "synthetic" / "00000_x" / ".00001.png.abc123.tmp", out / ".results.json.def456.tmp"
+    for p in (stale, live):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    keep = out / "synthetic" / "00000_x" / "00000.png"
+    keep.write_bytes(b"png")
+    run_squeeze(cfg)
+    assert not stale.exists() and live.exists() and keep.exists()
+    assert sweep_stale_temps(out, older_than_s=0) == 1 and not live.exists()

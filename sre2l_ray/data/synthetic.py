@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sweep_stale_temps(root: Path, older_than_s: float = 600.0) -> int:
+    """Delete temp files that `atomic_write_bytes` left behind when its process was killed (SIGKILL skips its
+    cleanup); returns how many. Only files untouched for `older_than_s`: a live writer's temp is seconds old."""
+    if not root.is_dir():
+        return 0
+    cutoff = time.time() - older_than_s
+    gone = 0
+    for p in root.rglob(".*.tmp"):
+        try:
+            if p.is_file() and p.stat().st_mtime < cutoff:
+                p.unlink()
+                gone += 1
+        except FileNotFoundError:  # another process swept it first
+            pass
+    return gone
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
