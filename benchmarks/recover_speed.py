@@ -131,6 +131,10 @@ def main() -> None:
                     compiled, batch, size, device, True, args.warmup, args.steps, compile=True
                 )
                 row["compile_ratio_to_floor"] = row["recover_compile_s"] / row["floor_cl_s"]
+                # Compiled against compiled: the floor with the same compiled teacher (its BN layers unhooked).
+                floor_teacher = teacher_for(name, classes, size, device, True, compile=True)
+                row["floor_compile_s"] = time_steps(floor_step(floor_teacher, batch, size, classes, device, True), args.warmup, args.steps, device)
+                row["compile_ratio_to_compiled_floor"] = row["recover_compile_s"] / row["floor_compile_s"]
             except Exception as err:  # report, don't hide: compile support differs between machines
                 row["compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if args.bf16 and device.type == "cuda":
@@ -160,6 +164,7 @@ def main() -> None:
     columns = [("model", "model"), ("size", "px"), ("batch", "batch"), ("floor_cl_s", "floor s (channels_last)"),
                ("floor_contig_s", "floor s (contiguous)"), ("recover_s", "recover step s"),
                ("ratio_to_floor", "recover / floor"), ("recover_compile_s", "compiled step s"),
+               ("floor_compile_s", "compiled floor s"), ("compile_ratio_to_compiled_floor", "compiled / compiled floor"),
                ("reference_s", "reference step s"), ("reference_ratio_to_floor", "reference / its floor"),
                ("speedup_vs_reference", "speed-up vs reference"),
                ("speedup_vs_reference_floor_normalised", "speed-up vs reference (floor-normalised)")]
