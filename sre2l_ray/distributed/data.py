@@ -1,5 +1,6 @@
-"""Training data streamed from parquet shards by Ray Data: read_parquet -> decode -> RandomResizedCrop/flip ->
-iter_torch_batches, with bounded memory (Ray Data's streaming executor holds a few blocks per operator, not the set).
+"""Training data streamed from parquet shards by Ray Data: shard row groups -> read + decode + RandomResizedCrop/flip
+in Ray tasks -> iter_torch_batches, with bounded memory (Ray Data's streaming executor holds a few blocks per operator,
+not the set).
 
 `make_shard_dataset` builds the Dataset on the driver (pass it to a TorchTrainer's `datasets=`), and
 `iter_image_batches` turns a worker's `ray.train.get_dataset_shard(...)` (or the Dataset itself) into normalised
@@ -14,12 +15,23 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import torch
 
 from sre2l_ray.config import AugmentConfig, DataConfig
 from sre2l_ray.data.datasets import STATS, DatasetError, decode_image
-from sre2l_ray.data.shards import check_shards
+from sre2l_ray.data.shards import check_shards, filesystem, read_manifest
+
+_COLUMNS = ["image", "label", "path", "index"]
+# Rows per read + decode task, at most about. Ray Data's scheduling loop wakes every 0.1 s (its ray.wait timeout), so a
+# task slot idles ~0.1 s between one task and the next: a third of the time with 256-row tasks at 224 px (~1 ms an
+# image on one core), ~3 % with 2048-row tasks. Decoded images leave a running task in blocks of up to Ray Data's target
+# block size (128 MiB, ~850 images at 224 px), so a long task still streams and memory stays bounded.
+TASK_ROWS = 2048
+# Shuffle granularity: an epoch is a new order of units of about this many consecutive rows of the split (the shard
+# writer's row-group size, data/shards.py, so a unit reads one or two row groups), bundled into tasks in that order.
+UNIT_ROWS = 256
 
 
 def _rrc_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -62,8 +74,56 @@ def decode_augment(batch: dict[str, np.ndarray], size: int, aug: dict[str, Any] 
     return {"image": out, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
 
 
-def _keep_rows(batch: pa.Table, rows: np.ndarray) -> pa.Table:
-    return batch.filter(pc.is_in(batch.column("index"), value_set=pa.array(rows)))
+def _read_shard_rows(path: str, first: int, count: int) -> pa.Table:
+    """Rows [first, first + count) of one shard, reading only the row groups that hold them."""
+    fs, p = filesystem(path)
+    try:
+        with fs.open_input_file(p) as f:
+            pf = pq.ParquetFile(f)
+            ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+            lo, hi = (int(np.searchsorted(ends, r, side="right")) for r in (first, first + count - 1))
+            table = pf.read_row_groups(list(range(lo, hi + 1)), columns=_COLUMNS)
+    except (OSError, pa.ArrowException, IndexError) as err:  # IndexError: fewer rows than the manifest promised
+        raise DatasetError(f"shard '{path}' is missing, truncated or corrupt ({str(err).splitlines()[0][:80]}); rerun `sre2l shard` to rewrite it") from None
+    return table.slice(first - (int(ends[lo - 1]) if lo else 0), count)
+
+
+def _read_rows(files: list[str], starts: np.ndarray, first: int, count: int) -> pa.Table:
+    """Rows [first, first + count) of a split whose shards, back to back, start at rows `starts` (plus the total)."""
+    pieces = []
+    s = int(np.searchsorted(starts, first, side="right")) - 1
+    while count > 0:
+        take = min(count, int(starts[s + 1]) - first)
+        if take > 0:
+            pieces.append(_read_shard_rows(files[s], first - int(starts[s]), take))
+        first, count, s = first + take, count - take, s + 1
+    return pa.concat_tables(pieces)
+
+
+def _read_decode(
+    units: dict[str, np.ndarray], files: list[str], starts: np.ndarray, size: int, aug: dict[str, Any] | None,
+    batch_size: int, keep: np.ndarray | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One task: read its units in turn and decode them `batch_size` images at a time (`keep`: only rows with these
+    `index` values, dropped before decoding)."""
+    wanted = None if keep is None else pa.array(keep)
+    for first, count in zip(units["first"], units["rows"]):
+        table = _read_rows(files, starts, int(first), int(count))
+        if wanted is not None:
+            table = table.filter(pc.is_in(table.column("index"), value_set=wanted))
+        for start in range(0, table.num_rows, batch_size):
+            part = table.slice(start, batch_size)
+            yield decode_augment({c: part.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}, size, aug)
+
+
+def _plan_units(total: int, workers: int) -> tuple[list[dict[str, int]], int]:
+    """Equal row ranges covering a split of `total` rows, and how many of them make one task. An epoch is cut into a
+    multiple of `workers` equal tasks of at most about TASK_ROWS rows, so every worker gets the same work and none
+    idles at the end of the epoch while another finishes a longer task."""
+    tasks = workers * max(1, math.ceil(total / (workers * TASK_ROWS)))
+    per_task = max(1, math.ceil(total / tasks / UNIT_ROWS))
+    unit = math.ceil(total / (tasks * per_task))
+    return [{"first": a, "rows": min(unit, total - a)} for a in range(0, total, unit)], per_task
 
 
 def make_shard_dataset(
@@ -72,23 +132,37 @@ def make_shard_dataset(
 ) -> ray.data.Dataset:
     """A streaming Dataset of decoded views of data.root/<train_dir|val_dir> shards (local folder or URI).
 
-    Training views get `aug` (default AugmentConfig()); evaluation views are resized and centre-cropped. `rows`
-    (values of the `index` column, e.g. from data.datasets.shard_rows) keeps only those rows, dropped before decoding.
+    Training views get `aug` (default AugmentConfig()) and a new order of ~UNIT_ROWS-row units every epoch; evaluation
+    views are resized and centre-cropped. `rows` (values of the `index` column, e.g. from data.datasets.shard_rows)
+    keeps only those rows, dropped before decoding. `batch_size`: images per decode_augment call. `concurrency` caps
+    the read + decode tasks running at once (default: as many as there are free CPUs).
     """
     if data.name != "shards":
         raise DatasetError(f"make_shard_dataset reads parquet shards; set data.name=shards (got {data.name!r})")
     split = data.train_dir if train else data.val_dir
     size = size or data.image_size or STATS["shards"][2]
     files = check_shards(data.root, split)  # a truncated shard fails here, in one line, not mid-epoch in a worker
-    ds = ray.data.read_parquet(files).select_columns(["image", "label", "path", "index"])
-    if rows is not None:
-        ds = ds.map_batches(_keep_rows, fn_kwargs={"rows": np.asarray(rows, dtype=np.int64)}, batch_format="pyarrow", batch_size=None)
+    counts = [s["rows"] for s in read_manifest(data.root)["splits"][split]["shards"]]
+    if not sum(counts):
+        raise DatasetError(f"the '{split}' shards under '{data.root}' hold no images; rerun `sre2l shard`")
+    # Not read_parquet -> map_batches: Ray's parquet reader bin-packs files into ~128 MiB read tasks, so a split of a
+    # few hundred MB was one or two blocks decoded by one or two tasks (one core busy, the others idle), and
+    # randomize_block_order() on the read output waited for the whole split to be read before decoding began. Here
+    # the units are a small in-memory list: shuffling it costs nothing, and each task reads just its own rows.
+    # Tasks per epoch come in multiples of the task slots (what Ray Data runs at once: `concurrency`, else the CPUs).
+    workers = concurrency or (max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1)
+    units, per_task = _plan_units(sum(counts), workers)
+    ds = ray.data.from_items(units, override_num_blocks=len(units))  # one unit per block, so tasks take whole units
     if train:
-        ds = ds.randomize_block_order()
+        ds = ds.randomize_block_order()  # no seed: a new unit order on every execution, i.e. every epoch
     aug_kw = (aug or AugmentConfig()).model_dump() if train else None
+    fn_kwargs = {
+        "files": files, "starts": np.cumsum([0, *counts]), "size": size, "aug": aug_kw, "batch_size": batch_size,
+        "keep": None if rows is None else np.asarray(rows, dtype=np.int64),
+    }
     return ds.map_batches(
-        decode_augment, fn_kwargs={"size": size, "aug": aug_kw}, batch_size=batch_size, batch_format="numpy",
-        concurrency=concurrency,
+        _read_decode, fn_kwargs=fn_kwargs, batch_size=per_task, batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
     )
 
 
