@@ -106,6 +106,7 @@ def main() -> None:
 
     from sre2l_ray.distributed import data as rd
 
+    load_start = os.getloadavg()  # the machine may be shared: the JSON says how busy it was
     with tempfile.TemporaryDirectory() as d:
         src, dst = Path(d) / "folder", Path(d) / "shards"
         build_folder(src, args.images)
@@ -122,13 +123,18 @@ def main() -> None:
                                                  num_workers=args.workers, persistent_workers=True)
             return time_epochs(lambda: iter(loader), args.epochs)  # its persistent workers exit with it, before Ray starts
 
+        ray_context: dict[str, object] = {}
+
         def ray_round() -> dict[str, object]:
             ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
             try:
                 ds = rd.make_shard_dataset(cfg, train=True, batch_size=args.batch_size, concurrency=args.workers)
+                ray_context.update(target_max_block_size=ds.context.target_max_block_size,
+                                   op_resource_reservation_enabled=ds.context.op_resource_reservation_enabled)
 
                 def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-                    for b in ds.iter_torch_batches(batch_size=args.batch_size, dtypes={"image": torch.uint8, "label": torch.int64, "index": torch.int64}):
+                    dtypes = {"image": torch.uint8, "label": torch.int64, "index": torch.int64}
+                    for b in ds.iter_torch_batches(batch_size=args.batch_size, dtypes=dtypes):
                         yield b["image"], b["label"]
 
                 return time_epochs(batches, args.epochs)
@@ -150,13 +156,13 @@ def main() -> None:
         "shard_mb": args.shard_mb, "shards": n_shards, "shard_local_s": shard_s,
         "ray_data_settings": {
             "ray_init_num_cpus": args.workers, "map_tasks_max_concurrency": args.workers, "num_cpus_per_task": 1,
-            "unit_rows": rd.UNIT_ROWS, "task_rows": rd.TASK_ROWS, "decode_batch": args.batch_size,
+            "unit_rows": rd.UNIT_ROWS, "task_rows": rd.TASK_ROWS, "dataset_context": ray_context,
             "iter_torch_batches": {"batch_size": args.batch_size, "prefetch_batches": 1},
         },
         "dataloader_settings": {"num_workers": args.workers, "persistent_workers": True, "prefetch_factor": 2,
                                 "shuffle": True, "batch_size": args.batch_size, "source": "JPEG files, one decode_augment call per image"},
         "ray_data_img_per_s": ray_rate, "dataloader_img_per_s": dl_rate, "ratio_ray_over_dataloader": ray_rate / dl_rate,
-        "rounds_detail": rounds,
+        "rounds_detail": rounds, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
     }
     out = write_result("data_throughput", result, torch.device("cpu"))
     print(f"### Decode + RandomResizedCrop + flip, {args.images} JPEGs at {SIZE} px ({src_bytes / 2**20:.1f} MB), "

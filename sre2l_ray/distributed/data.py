@@ -24,13 +24,14 @@ from sre2l_ray.data.datasets import STATS, DatasetError, decode_image
 from sre2l_ray.data.shards import check_shards, filesystem, read_manifest
 
 _COLUMNS = ["image", "label", "path", "index"]
-# Rows per read + decode task, at most about. Ray Data's scheduling loop wakes every 0.1 s (its ray.wait timeout), so a
-# task slot idles ~0.1 s between one task and the next: a third of the time with 256-row tasks at 224 px (~1 ms an
-# image on one core), ~3 % with 2048-row tasks. Decoded images leave a running task in blocks of up to Ray Data's target
-# block size (128 MiB, ~850 images at 224 px), so a long task still streams and memory stays bounded.
+# About the most rows one read + decode task takes. Ray Data's scheduling loop wakes every 0.1 s (its ray.wait timeout),
+# and a task slot was measured idle 0.1-0.3 s between one task and the next: most of the time with 256-row tasks at
+# 224 px (~1.2 ms an image on one core), a few % with 2048-row tasks. A long task still streams: each decoded unit
+# leaves it as its own block.
 TASK_ROWS = 2048
-# Shuffle granularity: an epoch is a new order of units of about this many consecutive rows of the split (the shard
-# writer's row-group size, data/shards.py, so a unit reads one or two row groups), bundled into tasks in that order.
+# Rows per unit, about: the shuffle granularity (an epoch is a new order of units, bundled into tasks in that order) and
+# one decode call and one output block each. The shard writer's row-group size (data/shards.py), so a unit reads one or
+# two row groups; a 224 px unit is ~38 MB, small enough that the consumer's first batch comes after one unit's decode.
 UNIT_ROWS = 256
 
 
@@ -84,7 +85,9 @@ def _read_shard_rows(path: str, first: int, count: int) -> pa.Table:
             lo, hi = (int(np.searchsorted(ends, r, side="right")) for r in (first, first + count - 1))
             table = pf.read_row_groups(list(range(lo, hi + 1)), columns=_COLUMNS)
     except (OSError, pa.ArrowException, IndexError) as err:  # IndexError: fewer rows than the manifest promised
-        raise DatasetError(f"shard '{path}' is missing, truncated or corrupt ({str(err).splitlines()[0][:80]}); rerun `sre2l shard` to rewrite it") from None
+        raise DatasetError(
+            f"shard '{path}' is missing, truncated or corrupt ({str(err).splitlines()[0][:80]}); rerun `sre2l shard` to rewrite it"
+        ) from None
     return table.slice(first - (int(ends[lo - 1]) if lo else 0), count)
 
 
@@ -102,26 +105,25 @@ def _read_rows(files: list[str], starts: np.ndarray, first: int, count: int) -> 
 
 def _read_decode(
     units: dict[str, np.ndarray], files: list[str], starts: np.ndarray, size: int, aug: dict[str, Any] | None,
-    batch_size: int, keep: np.ndarray | None,
+    keep: np.ndarray | None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One task: read its units in turn and decode them `batch_size` images at a time (`keep`: only rows with these
-    `index` values, dropped before decoding)."""
+    """One task: read and decode its units in turn, one decode call and one output batch per unit (`keep`: only rows
+    with these `index` values, dropped before decoding)."""
     wanted = None if keep is None else pa.array(keep)
     for first, count in zip(units["first"], units["rows"]):
         table = _read_rows(files, starts, int(first), int(count))
         if wanted is not None:
             table = table.filter(pc.is_in(table.column("index"), value_set=wanted))
-        for start in range(0, table.num_rows, batch_size):
-            part = table.slice(start, batch_size)
-            yield decode_augment({c: part.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}, size, aug)
+        if table.num_rows:
+            yield decode_augment({c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}, size, aug)
 
 
-def _plan_units(total: int, workers: int) -> tuple[list[dict[str, int]], int]:
-    """Equal row ranges covering a split of `total` rows, and how many of them make one task. An epoch is cut into a
-    multiple of `workers` equal tasks of at most about TASK_ROWS rows, so every worker gets the same work and none
-    idles at the end of the epoch while another finishes a longer task."""
+def _plan_units(total: int, workers: int, unit_rows: int) -> tuple[list[dict[str, int]], int]:
+    """Equal row ranges (~unit_rows each) covering a split of `total` rows, and how many of them make one task. An
+    epoch is cut into a multiple of `workers` equal tasks of at most about TASK_ROWS rows, so every worker gets the same
+    work and none idles at the end of the epoch while another finishes a longer task."""
     tasks = workers * max(1, math.ceil(total / (workers * TASK_ROWS)))
-    per_task = max(1, math.ceil(total / tasks / UNIT_ROWS))
+    per_task = max(1, math.ceil(total / tasks / unit_rows))
     unit = math.ceil(total / (tasks * per_task))
     return [{"first": a, "rows": min(unit, total - a)} for a in range(0, total, unit)], per_task
 
@@ -132,10 +134,11 @@ def make_shard_dataset(
 ) -> ray.data.Dataset:
     """A streaming Dataset of decoded views of data.root/<train_dir|val_dir> shards (local folder or URI).
 
-    Training views get `aug` (default AugmentConfig()) and a new order of ~UNIT_ROWS-row units every epoch; evaluation
-    views are resized and centre-cropped. `rows` (values of the `index` column, e.g. from data.datasets.shard_rows)
-    keeps only those rows, dropped before decoding. `batch_size`: images per decode_augment call. `concurrency` caps
-    the read + decode tasks running at once (default: as many as there are free CPUs).
+    Training views get `aug` (default AugmentConfig()) and a new order of units (see UNIT_ROWS) every epoch;
+    evaluation views are resized and centre-cropped. `rows` (values of the `index` column, e.g. from
+    data.datasets.shard_rows) keeps only those rows, dropped before decoding. Images are decoded and leave one unit
+    (at least `batch_size` rows) at a time, so a consumer batch of that size spans at most two blocks. `concurrency`
+    caps the read + decode tasks running at once (default: as many as there are free CPUs).
     """
     if data.name != "shards":
         raise DatasetError(f"make_shard_dataset reads parquet shards; set data.name=shards (got {data.name!r})")
@@ -151,13 +154,21 @@ def make_shard_dataset(
     # the units are a small in-memory list: shuffling it costs nothing, and each task reads just its own rows.
     # Tasks per epoch come in multiples of the task slots (what Ray Data runs at once: `concurrency`, else the CPUs).
     workers = concurrency or (max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1)
-    units, per_task = _plan_units(sum(counts), workers)
+    units, per_task = _plan_units(sum(counts), workers, max(UNIT_ROWS, batch_size))
     ds = ray.data.from_items(units, override_num_blocks=len(units))  # one unit per block, so tasks take whole units
     if train:
         ds = ds.randomize_block_order()  # no seed: a new unit order on every execution, i.e. every epoch
+    # Settings of this Dataset's own DataContext copy (from_items made it), not the process-wide one:
+    # - each decoded unit is one single-chunk output block (a unit is within (target, 1.5 target]: emitted as is, not
+    #   merged with the next or split). Merged 128 MiB blocks of several chunks made the consumer's batcher copy every
+    #   block whole to combine its chunks, in the training process, once per image;
+    # - no per-operator resource reservation: with it, the second task of every epoch started ~1 s after the first
+    #   (measured on 2 slots), one worker idle. Memory stays bounded by Ray Data's global object-store budget.
+    ds.context.target_max_block_size = int(0.8 * units[0]["rows"] * (3 * size * size + 16))  # uint8 RGB + label, index
+    ds.context.op_resource_reservation_enabled = False
     aug_kw = (aug or AugmentConfig()).model_dump() if train else None
     fn_kwargs = {
-        "files": files, "starts": np.cumsum([0, *counts]), "size": size, "aug": aug_kw, "batch_size": batch_size,
+        "files": files, "starts": np.cumsum([0, *counts]), "size": size, "aug": aug_kw,
         "keep": None if rows is None else np.asarray(rows, dtype=np.int64),
     }
     return ds.map_batches(
