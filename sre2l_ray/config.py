@@ -122,6 +122,9 @@ class RelabelConfig(_Group):
     weight_decay: float = Field(0.01, ge=0)
     temperature: float = Field(4.0, gt=0)
     augment: AugmentConfig = AugmentConfig()
+    seed: int | None = None
+    """Seed of the student's init and view order; None = the top-level seed. Setting it retrains only the students
+    (teacher and recovered set are keyed by the top-level seed), e.g. to measure seed-to-seed spread."""
     cutmix: float = Field(0.0, ge=0, le=1)
     """Probability of applying CutMix to a batch (0 disables)."""
     soft_labels: Literal["online", "precomputed"] = "online"

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import torch
 
 from sre2l_ray.config import AugmentConfig, build_config
@@ -28,11 +30,26 @@ def test_kd_loss_is_zero_for_matching_logits_and_positive_otherwise() -> None:
     assert float(kd_loss(a, -a, 4.0)) > 0
 
 
-def test_training_learns_a_separable_toy_task() -> None:
-    cfg = build_config({"relabel": {"model": {"name": "tiny_bn"}, "epochs": 30, "batch_size": 10, "lr": 0.01, "augment": {"crop_scale": [0.9, 1.0], "flip": False}}}, ["channels_last=false"])
-    data = _toy()
-    student = train_student(cfg, data, None, torch.device("cpu"), work_dir=__import__("pathlib").Path("/tmp/sre2l_test_training"))
-    assert evaluate(student, data, channels_last=False)["top1"] >= 90
+TOY_RELABEL = {"model": {"name": "tiny_bn"}, "epochs": 30, "batch_size": 10, "lr": 0.01, "augment": {"crop_scale": [0.9, 1.0], "flip": False}}
+
+
+def test_training_learns_a_separable_toy_task(tmp_path: Path) -> None:
+    cfg = build_config({"relabel": TOY_RELABEL}, ["channels_last=false"])
+    student = train_student(cfg, _toy(), None, torch.device("cpu"), work_dir=tmp_path)
+    assert evaluate(student, _toy(), channels_last=False)["top1"] >= 90
+
+
+def test_relabel_seed_reseeds_only_the_student(tmp_path: Path) -> None:
+    def weights(*overrides: str) -> torch.Tensor:
+        cfg = build_config({"relabel": {**TOY_RELABEL, "epochs": 2}}, ["channels_last=false", *overrides])
+        student = train_student(cfg, _toy(), None, torch.device("cpu"), work_dir=tmp_path / "_".join(overrides))
+        return torch.cat([p.detach().flatten() for p in student.parameters()])
+
+    base = weights()
+    assert torch.equal(base, weights("relabel.seed=0"))  # unset = the top-level seed
+    assert not torch.allclose(base, weights("relabel.seed=1"))
+    cfg = build_config({}, ["relabel.seed=1"])
+    assert cfg.hash("seed", "data", "squeeze", "recover") == build_config({}, []).hash("seed", "data", "squeeze", "recover")
 
 
 def test_online_soft_loss_uses_the_teachers_view() -> None:

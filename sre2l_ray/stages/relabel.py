@@ -55,9 +55,13 @@ def make_optimizer(cfg: Config, model: nn.Module, n_items: int, world: int = 1):
     return opt, sched
 
 
+def student_seed(cfg: Config) -> int:
+    return cfg.seed if cfg.relabel.seed is None else cfg.relabel.seed
+
+
 def build_student(cfg: Config, data: ImageSet, device: torch.device) -> nn.Module:
     """A fresh student, seeded; compiled in place with relabel.compile (state_dict keys stay those of the model)."""
-    student = build_model(cfg.relabel.model, data, device, cfg.channels_last, seed=cfg.seed)
+    student = build_model(cfg.relabel.model, data, device, cfg.channels_last, seed=student_seed(cfg))
     if cfg.relabel.compile:
         student.compile()
     return student
@@ -75,7 +79,7 @@ def student_loss(cfg: Config, data: ImageSet, teacher: nn.Module | None) -> Loss
 def relabel_epoch(cfg: Config, model: nn.Module, opt, sched, data: ImageSet, loss: LossFn, epoch: int, rank: int = 0, world: int = 1) -> dict[str, float]:
     rl = cfg.relabel
     return train_epoch(
-        model, opt, sched, data, loss, epoch=epoch, seed=cfg.seed, batch_size=rl.batch_size, aug=rl.augment,
+        model, opt, sched, data, loss, epoch=epoch, seed=student_seed(cfg), batch_size=rl.batch_size, aug=rl.augment,
         cutmix=rl.cutmix, rank=rank, world=world, channels_last=cfg.channels_last, bf16=rl.bf16,
     )
 

@@ -29,6 +29,7 @@ from sre2l_ray.config import AugmentConfig, Config
 from sre2l_ray.data.augment import ViewPlan, plan_views, render_views
 from sre2l_ray.data.datasets import ImageSet
 from sre2l_ray.data.synthetic import atomic_write_json
+from sre2l_ray.stages.relabel import student_seed
 from sre2l_ray.stages.training import LossFn
 
 
@@ -69,7 +70,7 @@ def spec_from_config(cfg: Config, data: ImageSet, source: str) -> LabelSpec:
     """The spec matching how relabel's train_epoch renders views of `data` under `cfg`."""
     rl = cfg.relabel
     return LabelSpec(
-        cfg.seed, tuple(rl.augment.crop_scale), tuple(rl.augment.crop_ratio), rl.augment.flip, rl.cutmix, data.size,
+        student_seed(cfg), tuple(rl.augment.crop_scale), tuple(rl.augment.crop_ratio), rl.augment.flip, rl.cutmix, data.size,
         len(data), data.num_classes, rl.temperature, rl.topk, source,
     )
 
