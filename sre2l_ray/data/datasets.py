@@ -220,30 +220,39 @@ def _limit_positions(cfg: DataConfig, train: bool, labels: torch.Tensor, classes
     return stratified_indices(labels, max(1, limit // len(classes)), seed=1234, classes=classes)
 
 
-def shard_rows(cfg: DataConfig, train: bool) -> np.ndarray | None:
-    """The shard rows (`index` values) the split's limit keeps, so a stream reads the same images as `load_split`;
-    None = every row."""
+def _kept_shard_labels(cfg: DataConfig, train: bool) -> tuple[np.ndarray, torch.Tensor, list[str]]:
+    """`index` values and labels of the shard rows the split's limit keeps (every row without one), and the classes;
+    reads the small columns only."""
     from sre2l_ray.data.shards import read_manifest, split_labels
 
     index, labels = split_labels(cfg, train)
-    keep = _limit_positions(cfg, train, labels, list(read_manifest(cfg.root)["classes"]))
-    return None if keep is None else index[keep.numpy()]
+    classes = list(read_manifest(cfg.root)["classes"])
+    keep = _limit_positions(cfg, train, labels, classes)
+    return (index, labels, classes) if keep is None else (index[keep.numpy()], labels[keep], classes)
+
+
+def shard_rows(cfg: DataConfig, train: bool) -> np.ndarray | None:
+    """The shard rows (`index` values) the split's limit keeps, so a stream reads the same images as `load_split`;
+    None = every row."""
+    if (cfg.train_limit if train else cfg.val_limit) is None:
+        return None
+    return _kept_shard_labels(cfg, train)[0]
 
 
 def check_subset_fits(cfg: DataConfig, per_class: int) -> None:
     """Fail now, in one line, if the training split (after data.train_limit) has a class with fewer than `per_class`
     images, instead of at the evaluate stage hours later. Reads labels only where it can (shards, image folders)."""
     if cfg.name == "shards":
-        from sre2l_ray.data.shards import read_manifest, split_labels
-
-        labels, classes = split_labels(cfg, train=True)[1], list(read_manifest(cfg.root)["classes"])
-    elif cfg.name == "imagefolder":
-        classes, items = scan_image_folder(Path(cfg.root) / cfg.train_dir)
-        labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
+        _, labels, classes = _kept_shard_labels(cfg, True)
     else:
-        _, labels, classes = _torchvision_split(cfg, train=True)
-    keep = _limit_positions(cfg, True, labels, classes)
-    stratified_indices(labels if keep is None else labels[keep], per_class, seed=0, classes=classes)
+        if cfg.name == "imagefolder":
+            classes, items = scan_image_folder(Path(cfg.root) / cfg.train_dir)
+            labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
+        else:
+            _, labels, classes = _torchvision_split(cfg, train=True)
+        keep = _limit_positions(cfg, True, labels, classes)
+        labels = labels if keep is None else labels[keep]
+    stratified_indices(labels, per_class, seed=0, classes=classes)
 
 
 def real_subset(cfg: DataConfig, per_class: int, seed: int) -> ImageSet:
@@ -252,13 +261,10 @@ def real_subset(cfg: DataConfig, per_class: int, seed: int) -> ImageSet:
     if cfg.name != "shards":
         train = load_split(cfg, train=True)
         return train.subset(stratified_indices(train.labels, per_class, seed, train.classes))
-    from sre2l_ray.data.shards import load_shard_split, read_manifest, split_labels
+    from sre2l_ray.data.shards import load_shard_split
 
     mean, std, native = STATS[cfg.name]
-    classes = list(read_manifest(cfg.root)["classes"])
-    index, labels = split_labels(cfg, train=True)
-    pos = _limit_positions(cfg, True, labels, classes)
-    pos = torch.arange(len(labels)) if pos is None else pos
-    pick = pos[stratified_indices(labels[pos], per_class, seed, classes)]
+    index, labels, classes = _kept_shard_labels(cfg, True)
+    pick = stratified_indices(labels, per_class, seed, classes)
     images, labels, _ = load_shard_split(cfg, True, cfg.image_size or native, rows=index[pick.numpy()])
     return ImageSet(images, labels, classes, mean, std)
