@@ -165,6 +165,9 @@ class RayConfig(_Group):
     checkpoint_every_s: float = Field(10.0, ge=0)
     """Seconds of training between Ray Train reports (metrics + checkpoint; a resume redoes at most this much);
     0 = every epoch. Epochs longer than this are each reported."""
+    poll_interval_s: float = Field(0.5, gt=0)
+    """How often the Ray Train controller polls its workers (Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s,
+    wins when set): the end of a run and every report wait for the next poll."""
     storage_path: str | None = None
     """Ray Train storage (local/NFS path or s3://, gs://); None = <output_dir>/ray."""
 

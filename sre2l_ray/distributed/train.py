@@ -46,6 +46,8 @@ from sre2l_ray.stages.training import DataShape, SplitShape, build_model
 OnEpoch = Callable[[int, dict[str, float]], None]
 FAULT_ENV = "SRE2L_FAULT_FILE"
 STATE_FILE = "state.pt"
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+_USER_POLL = os.environ.get(POLL_ENV)  # an interval the user exported wins over ray.poll_interval_s
 
 
 @dataclass
@@ -143,8 +145,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 def _report_every(epoch_s: float, interval_s: float, world: int, device: torch.device) -> int:
     """Epochs between reports so that reports come about every `interval_s` seconds of training (0: every epoch).
 
-    A report blocks until the Train controller collects it, which it does once per poll (~2 s by default): on a
-    condensed set whose epoch takes 50 ms, reporting every epoch would make a run 40x slower. Ranks must report
+    A report blocks until the Train controller collects it, which it does once per poll (`ray.poll_interval_s`; Ray's
+    default is 2 s): on a condensed set whose epoch takes 50 ms, reporting every epoch would make a run 10-40x slower. Ranks must report
     equally often, so they agree on the smallest count."""
     n = 1 if interval_s <= 0 else max(1, math.ceil(interval_s / max(epoch_s, 1e-6)))
     if world > 1:
@@ -197,6 +199,8 @@ def run_training(
         # Each worker trains on its share of train; rank 0 scores the whole val set.
         dataset_config = ray.train.DataConfig(datasets_to_split=["train"])
         stream = {k: v for k, v in stream.items() if k in ("shape", "rows")}
+    if _USER_POLL is None:  # read from the driver's environment when the controller starts, and passed on to it
+        os.environ[POLL_ENV] = str(cfg.ray.poll_interval_s)
     gpu = use_gpu(cfg)
     resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     trainer = TorchTrainer(
