@@ -146,8 +146,8 @@ def _report_every(epoch_s: float, interval_s: float, world: int, device: torch.d
     """Epochs between reports so that reports come about every `interval_s` seconds of training (0: every epoch).
 
     A report blocks until the Train controller collects it, which it does once per poll (`ray.poll_interval_s`; Ray's
-    default is 2 s): on a condensed set whose epoch takes 50 ms, reporting every epoch would make a run 10-40x slower. Ranks must report
-    equally often, so they agree on the smallest count."""
+    default is 2 s): on a condensed set whose epoch takes 50 ms, reporting every epoch would make a run many times
+    slower. Ranks must report equally often, so they agree on the smallest count."""
     n = 1 if interval_s <= 0 else max(1, math.ceil(interval_s / max(epoch_s, 1e-6)))
     if world > 1:
         t = torch.tensor([n], device=device)
