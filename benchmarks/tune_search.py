@@ -101,16 +101,14 @@ def main() -> int:
             shutil.copytree(recovered, out, ignore=shutil.ignore_patterns(".lock"), dirs_exist_ok=True)
         return run_pipeline(dcfg)["students"]["sre2l"]["top1"]
 
-    best_crop = json.loads(result["best_params"]["recover.augment.crop_scale"]) if isinstance(
-        result["best_params"]["recover.augment.crop_scale"], str) else result["best_params"]["recover.augment.crop_scale"]
+    best_crop = json.loads(result["best_params"]["recover.augment.crop_scale"])  # list values travel as JSON strings
     best_temp = float(result["best_params"]["relabel.temperature"])
     paper, ours = DEFAULTS
     runs = {paper: ([0.08, 1.0], DEFAULTS[paper], ns.seeds), ours: ([0.08, 1.0], DEFAULTS[ours], [0])}
     runs[f"search best (crop ({best_crop[0]:g}, {best_crop[1]:g}), T {best_temp:g})"] = (best_crop, best_temp, ns.seeds)
-    defaults, seeds = {}, {}
+    seeds = {}
     for name, (crop, temp, run_seeds) in runs.items():
         per_seed = [pipeline_top1(crop, temp, s) for s in run_seeds]
-        defaults[name] = per_seed[0]
         seeds[name] = {"top1": per_seed, "mean": round(sum(per_seed) / len(per_seed), 2)}
 
     best = result["trials"][0]
@@ -119,7 +117,7 @@ def main() -> int:
         "grid": {"recover.augment.crop_scale": crops, "relabel.temperature": temps},
         "trials": result["trials"],
         "best": {"params": result["best_params"], "val_top1": result["best_top1"], "epochs": best.get("epochs")},
-        "defaults_top1": {k: v for k, v in defaults.items() if not k.startswith("search best")},
+        "defaults_top1": {name: seeds[name]["top1"][0] for name in DEFAULTS},
         "relabel_seeds": ns.seeds,
         "by_seed": seeds,
         "search_wall_s": round(search_s, 1),

@@ -225,19 +225,25 @@ def read_manifest(root: str) -> dict[str, Any]:
     return manifest
 
 
-def shard_files(root: str, split: str) -> list[str]:
-    """Shard file paths of a split, as listed in the manifest (URIs stay URIs)."""
+def _split_shards(root: str, split: str) -> tuple[list[str], list[int]]:
+    """Shard file paths of a split (URIs stay URIs) and their row counts, as listed in the manifest."""
     manifest = read_manifest(root)
     if split not in manifest["splits"]:
         raise DatasetError(f"shards at '{root}' have no split '{split}' (have {sorted(manifest['splits'])}); set data.train_dir/val_dir")
     base = root.rstrip("/") if "://" in root else str(Path(root).resolve())
-    return [f"{base}/{s['file']}" for s in manifest["splits"][split]["shards"]]
+    shards = manifest["splits"][split]["shards"]
+    return [f"{base}/{s['file']}" for s in shards], [int(s["rows"]) for s in shards]
 
 
-def check_shards(root: str, split: str) -> list[str]:
-    """Shard files of a split after checking each footer against the manifest's row count (footers only: cheap)."""
-    files = shard_files(root, split)
-    rows = [s["rows"] for s in read_manifest(root)["splits"][split]["shards"]]
+def shard_files(root: str, split: str) -> list[str]:
+    """Shard file paths of a split, as listed in the manifest (URIs stay URIs)."""
+    return _split_shards(root, split)[0]
+
+
+def check_shards(root: str, split: str) -> tuple[list[str], list[int]]:
+    """Shard files of a split and their row counts, after checking each footer against the manifest's count
+    (footers only: cheap)."""
+    files, rows = _split_shards(root, split)
     for path, want in zip(files, rows):
         fs, p = filesystem(path)
         try:
@@ -247,7 +253,7 @@ def check_shards(root: str, split: str) -> list[str]:
             raise DatasetError(f"shard '{path}' is missing, truncated or corrupt ({str(err).splitlines()[0][:80]}); rerun `sre2l shard` to rewrite it") from None
         if got != want:
             raise DatasetError(f"shard '{path}' has {got} rows, the manifest says {want}; rerun `sre2l shard` to rewrite it")
-    return files
+    return files, rows
 
 
 def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:

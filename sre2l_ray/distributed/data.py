@@ -21,7 +21,7 @@ import torch
 
 from sre2l_ray.config import AugmentConfig, DataConfig
 from sre2l_ray.data.datasets import STATS, DatasetError, decode_image
-from sre2l_ray.data.shards import check_shards, filesystem, read_manifest
+from sre2l_ray.data.shards import check_shards, filesystem
 
 _COLUMNS = ["image", "label", "path", "index"]
 # About the most rows one read + decode task takes. Ray Data's scheduling loop wakes every 0.1 s (its ray.wait timeout),
@@ -144,8 +144,7 @@ def make_shard_dataset(
         raise DatasetError(f"make_shard_dataset reads parquet shards; set data.name=shards (got {data.name!r})")
     split = data.train_dir if train else data.val_dir
     size = size or data.image_size or STATS["shards"][2]
-    files = check_shards(data.root, split)  # a truncated shard fails here, in one line, not mid-epoch in a worker
-    counts = [s["rows"] for s in read_manifest(data.root)["splits"][split]["shards"]]
+    files, counts = check_shards(data.root, split)  # a truncated shard fails here, in one line, not mid-epoch in a worker
     if not sum(counts):
         raise DatasetError(f"the '{split}' shards under '{data.root}' hold no images; rerun `sre2l shard`")
     # Not read_parquet -> map_batches: Ray's parquet reader bin-packs files into ~128 MiB read tasks, so a split of a
