@@ -1,7 +1,9 @@
 """What running through Ray costs: recover and relabel wall time via Ray vs the in-process cores on the same work,
 and recovery scaling (1 actor x 1 thread, 2 actors x 1 thread, 1 actor x 2 threads).
 
-    flock /tmp/cpu.lock .venv/bin/python benchmarks/ray_overhead.py [key=value ...]
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/ray_overhead.py [--result PATH] [key=value ...]
+
+e.g. `--result benchmarks/results/ray_overhead_long_fit.json relabel.epochs=3000` for a 10x longer relabel fit.
 
 Starts a private local Ray (2 CPUs), trains a small teacher in-process, then times each variant on a fresh output
 folder so nothing is resumed. Ray times include actor / Train worker start-up (a cluster is assumed to be up). Relabel is timed in 3 alternating
@@ -90,6 +92,9 @@ def time_relabel(cfg: Config, base: Path, name: str, ray_on: bool) -> float:
 
 
 def main(argv: list[str]) -> None:
+    path = ROOT / "benchmarks/results/ray_overhead.json"
+    if argv[:1] == ["--result"]:
+        path, argv = Path(argv[1]).resolve(), argv[2:]
     cfg = load_config(ROOT / "configs/demo.yaml", DEFAULTS + [f"data.root={ROOT / 'data'}"] + argv)
     set_threads(cfg.threads)
     base = Path(tempfile.mkdtemp(prefix="sre2l_bench_"))
@@ -131,7 +136,6 @@ def main(argv: list[str]) -> None:
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "ray": ray.__version__},
     }
-    path = ROOT / "benchmarks/results/ray_overhead.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print("| variant | wall s |\n|---|---:|")
     for k, v in rows.items():

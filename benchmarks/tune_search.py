@@ -103,12 +103,11 @@ def main() -> int:
 
     best_crop = json.loads(result["best_params"]["recover.augment.crop_scale"])  # list values travel as JSON strings
     best_temp = float(result["best_params"]["relabel.temperature"])
-    paper, ours = DEFAULTS
-    runs = {paper: ([0.08, 1.0], DEFAULTS[paper], ns.seeds), ours: ([0.08, 1.0], DEFAULTS[ours], [0])}
-    runs[f"search best (crop ({best_crop[0]:g}, {best_crop[1]:g}), T {best_temp:g})"] = (best_crop, best_temp, ns.seeds)
+    runs = {name: ([0.08, 1.0], temp) for name, temp in DEFAULTS.items()}
+    runs[f"search best (crop ({best_crop[0]:g}, {best_crop[1]:g}), T {best_temp:g})"] = (best_crop, best_temp)
     seeds = {}
-    for name, (crop, temp, run_seeds) in runs.items():
-        per_seed = [pipeline_top1(crop, temp, s) for s in run_seeds]
+    for name, (crop, temp) in runs.items():
+        per_seed = [pipeline_top1(crop, temp, s) for s in ns.seeds]
         seeds[name] = {"top1": per_seed, "mean": round(sum(per_seed) / len(per_seed), 2)}
 
     best = result["trials"][0]
@@ -128,7 +127,7 @@ def main() -> int:
     for t in result["trials"]:
         print(f"| {t['recover.augment.crop_scale']} | {t['relabel.temperature']} | {t['epochs']} | {t['val_top1']:.2f} |")
     for name, r in seeds.items():
-        print(f"| {name} | | 300 | {r['top1'][0]:.2f} (seeds {ns.seeds[:len(r['top1'])]}: {r['top1']}, mean {r['mean']:.2f}) |")
+        print(f"| {name} | | 300 | {r['top1'][0]:.2f} (seeds {ns.seeds}: {r['top1']}, mean {r['mean']:.2f}) |")
     print(f"\nwritten {path}")
     return 0
 
