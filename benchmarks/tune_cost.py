@@ -60,7 +60,7 @@ def main() -> int:
         for i, (crop, temp) in enumerate(grid):
             cfg = load_config(ROOT / "configs/tiny.yaml", [*common, f"output_dir={work}/pipe{i}",
                               f"recover.augment.crop_scale={crop}", f"relabel.temperature={temp}"])
-            pipe_top1.append(run_pipeline(cfg)["students"]["sre2l"]["top1"])
+            pipe_top1.append(run_pipeline(cfg)["students"]["condensed"]["top1"])
         pipelines_s = time.perf_counter() - t0
 
         # One search of the same N points (grid), Ray start-up included.

@@ -99,7 +99,7 @@ def main() -> int:
         recovered = stages / f"recover-{dcfg.hash('seed', 'data', 'squeeze', 'recover')}"
         if recovered.is_dir() and not (out / "teacher.pt").is_file():
             shutil.copytree(recovered, out, ignore=shutil.ignore_patterns(".lock"), dirs_exist_ok=True)
-        return run_pipeline(dcfg)["students"]["sre2l"]["top1"]
+        return run_pipeline(dcfg)["students"]["condensed"]["top1"]
 
     best_crop = json.loads(result["best_params"]["recover.augment.crop_scale"])  # list values travel as JSON strings
     best_temp = float(result["best_params"]["relabel.temperature"])

@@ -22,14 +22,20 @@ import yaml
 
 from sre2l_ray.tracking import TrackingError, check_tracking_uri, configure_mlflow_env
 
-RESULT_METRICS = {"pipeline": "sre2l_top1", "tune_trial": "val_top1"}
-"""Result runs by their `stage` tag, and the metric holding their headline top-1."""
+RESULT_METRICS = {"pipeline": "condensed_top1", "tune_trial": "val_top1"}
+"""Result runs by their `stage` tag, and the metric holding their headline top-1 (pipelines: the condensed set's
+soft-label students, mean over evaluation seeds)."""
+LEGACY_METRICS = {"pipeline": "sre2l_top1"}
+"""What pipelines logged before DD-Ranking evaluation (one seed, no IOR), still listed."""
+SUMMARY_METRICS = {"top1_std": "top1_std", "ior": "ior_top1", "ior_std": "ior_top1_std", "hlr": "hlr_top1", "random_top1": "random_soft_top1"}
+"""Extra columns of pipeline rows (empty for tune trials and older runs)."""
 COLUMNS = {
     "data.name": "dataset",
     "recover.ipc": "ipc",
     "recover.augment.crop_scale": "crop_scale",
     "relabel.temperature": "temperature",
     "relabel.epochs": "epochs",
+    "evaluate.seeds": "seeds",
 }
 
 
@@ -61,7 +67,10 @@ def load_runs(uri: str, experiment: str, filter_string: str = "", max_results: i
         raise TrackingError(f"bad --filter {filter_string!r}: {str(err).splitlines()[0][:200]}") from None
     rows = []
     for r in runs:
-        metric = RESULT_METRICS.get(r.data.tags.get("stage", ""))
+        stage = r.data.tags.get("stage", "")
+        metric = RESULT_METRICS.get(stage)
+        if metric not in r.data.metrics:
+            metric = LEGACY_METRICS.get(stage)
         if metric is None or metric not in r.data.metrics:
             continue  # nested stage runs, or a run that ended before reporting
         prefix = metric[: -len("top1")]
@@ -69,6 +78,7 @@ def load_runs(uri: str, experiment: str, filter_string: str = "", max_results: i
         row.update({col: _value(r.data.params.get(key)) for key, col in COLUMNS.items()})
         row["top1"] = r.data.metrics[metric]
         row["top5"] = r.data.metrics.get(prefix + "top5")
+        row.update({col: r.data.metrics.get(prefix + m if col == "top1_std" else m) for col, m in SUMMARY_METRICS.items()})
         row["run_id"] = r.info.run_id
         rows.append(row)
     return rows

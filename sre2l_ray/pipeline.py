@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config, to_yaml
-from sre2l_ray.data.datasets import ImageSet, check_subset_fits, load_split, real_subset, to_uint8
+from sre2l_ray.data.datasets import ImageSet, check_subset_fits, load_split, real_subsets, to_uint8
 from sre2l_ray.data.synthetic import SyntheticStore, atomic_write_bytes, atomic_write_json, sweep_stale_temps
 from sre2l_ray.models import create_model
 from sre2l_ray.runtime import StageStats, measure, resolve_device, set_threads
-from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
+from sre2l_ray.stages.evaluate import evaluate, evaluate_batches, improvement_over_random, summarize_seeds
 from sre2l_ray.stages.recover import BNStatHooks, Shard, plan_shards, prepare_teacher, recover_shard
 from sre2l_ray.stages.relabel import freeze, train_student
 from sre2l_ray.stages.squeeze import train_teacher
@@ -244,93 +244,164 @@ def save_grid(cfg: Config, store: SyntheticStore) -> Path:
     return path
 
 
-def _student(cfg: Config, name: str, data: ImageSet, teacher_soft: bool, tracker: Tracker, score: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
-    """Train (or reuse) one student on `data` and evaluate it on the real val set."""
-    work = out_dir(cfg) / "students" / name
+STUDENTS = {
+    "condensed": "condensed+soft",
+    "condensed_hard": "condensed hard",
+    "random_soft": "random+soft",
+    "random_hard": "random hard",
+}
+"""Student kinds (the folder under students/) and their labels in tables. Each trains with the identical recipe; they
+differ only in their images (the condensed set, or a random real subset of the same size redrawn per seed) and
+labels (the teacher's soft labels, or hard labels)."""
+# Config sections each kind's result depends on (with the student's own seed), so a result is reused only if they match.
+_KEYS = {
+    "condensed": ("seed", "data", "squeeze", "recover", "relabel"),
+    "condensed_hard": ("seed", "data", "squeeze", "recover", "relabel"),
+    "random_soft": ("seed", "data", "squeeze", "relabel"),
+    "random_hard": ("seed", "data", "relabel"),
+}
+Scorer = Callable[[nn.Module], dict[str, float]]
+
+
+def seed_config(cfg: Config, k: int, lr: float | None = None) -> Config:
+    """The config evaluation seed k's students train with: student seed relabel.seed + k (seed 0 is the plain
+    config's student), and `lr` when the lr grid picked one."""
+    from sre2l_ray.stages.relabel import student_seed
+
+    update: dict[str, Any] = {"seed": student_seed(cfg) + k}
+    if lr is not None:
+        update["lr"] = lr
+    return cfg.model_copy(update={"relabel": cfg.relabel.model_copy(update=update)})
+
+
+def _student(cfg: Config, kind: str, k: int, data: ImageSet, tracker: Tracker, score: Scorer, lr: float | None = None) -> dict[str, float]:
+    """Train (or reuse) one student of `kind` for evaluation seed k on `data`; returns its val metrics."""
+    scfg = seed_config(cfg, k, lr)
+    tag = f"seed{k}" if lr is None else f"seed{k}-lr{lr:g}"
+    work = out_dir(cfg) / "students" / kind / tag
     result_path = work / "metrics.json"
-    key = cfg.hash("seed", "data", "squeeze", "recover", "relabel")
+    key = scfg.hash(*_KEYS[kind]) + f"-k{k}"
     if result_path.is_file():
         done = json.loads(result_path.read_text())
         if done.get("key") == key:
             return done["metrics"]
-    device = resolve_device(cfg.device)
-    with tracker.run(f"relabel:{name}", nested=True, log_config=False):
-        bar = tqdm(total=cfg.relabel.epochs, desc=f"student {name}", unit="epoch")
+    soft = not kind.endswith("_hard")
+    device = resolve_device(scfg.device)
+    with tracker.run(f"relabel:{kind}/{tag}", nested=True, log_config=False):
+        bar = tqdm(total=scfg.relabel.epochs, desc=f"student {kind} {tag}", unit="epoch")
 
         def on_epoch(epoch: int, m: dict[str, float]) -> None:
             bar.update(1)
-            if epoch % max(1, cfg.relabel.epochs // 50) == 0 or epoch == cfg.relabel.epochs - 1:
+            if epoch % max(1, scfg.relabel.epochs // 50) == 0 or epoch == scfg.relabel.epochs - 1:
                 tracker.log_metrics(m, step=epoch)
 
-        if cfg.ray.enabled:
+        if scfg.ray.enabled:
             from sre2l_ray.distributed.train import fit_student
 
-            student = fit_student(cfg, data, teacher_path(cfg) if teacher_soft else None, name, on_epoch)
+            student = fit_student(scfg, data, teacher_path(scfg) if soft else None, f"{kind}-{tag}", work, on_epoch)
         else:
-            teacher = load_teacher(cfg, device) if teacher_soft else None
+            teacher = load_teacher(scfg, device) if soft else None
             loss = None
-            if teacher is not None and cfg.relabel.soft_labels == "precomputed":
-                from sre2l_ray.stages.soft_labels import precomputed_student_loss
+            if teacher is not None and scfg.relabel.soft_labels == "precomputed":
+                from sre2l_ray.stages.soft_labels import precomputed_student_loss, soft_label_source
 
                 # Labels are keyed by teacher + images (config hash) and the view settings; missing epochs are generated.
-                source = cfg.hash("seed", "data", "squeeze", "recover") + name
-                loss = precomputed_student_loss(cfg, data.to(device), teacher, work / "soft_labels", source)
-            student = train_student(cfg, data, teacher, device, work, on_epoch, loss=loss)
+                loss = precomputed_student_loss(scfg, data.to(device), teacher, work / "soft_labels", soft_label_source(scfg, f"{kind}-{tag}"))
+            student = train_student(scfg, data, teacher, device, work, on_epoch, loss=loss)
         bar.close()
         metrics = score(student)
-        tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()})
-    save_checkpoint(work / "model.pt", model=student.state_dict(), model_config=cfg.relabel.model.model_dump(), metrics=metrics)
-    atomic_write_json(result_path, {"key": key, "metrics": metrics, "images": len(data)})
+        tracker.log_metrics({f"val_{m}": v for m, v in metrics.items()})
+    save_checkpoint(work / "model.pt", model=student.state_dict(), model_config=scfg.relabel.model.model_dump(), metrics=metrics)
+    atomic_write_json(result_path, {"key": key, "metrics": metrics, "images": len(data), "relabel_seed": scfg.relabel.seed, "lr": scfg.relabel.lr})
     return metrics
 
 
-def run_relabel(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]:
-    """Train the SRe2L student on the synthetic set with the teacher's soft labels; evaluate it on real val."""
-    tracker = tracker or Tracker(cfg)
-    _setup(cfg)
-    meta = _teacher_meta(cfg)
+def _student_runs(cfg: Config, kind: str, data: Callable[[int], ImageSet], tracker: Tracker, score: Scorer) -> dict[str, Any]:
+    """Every evaluation seed of one student kind (after the optional lr search on seed 0): per-seed metrics and their
+    mean +- std. `data(k)` gives seed k's images."""
+    lr = None
+    if cfg.evaluate.lr_grid:
+        trials = {x: _student(cfg, kind, 0, data(0), tracker, score, lr=x)["top1"] for x in cfg.evaluate.lr_grid}
+        lr = max(trials, key=lambda x: trials[x])
+    runs = [{"seed": k, **_student(cfg, kind, k, data(k), tracker, score, lr=lr)} for k in range(cfg.evaluate.seeds)]
+    return {**summarize_seeds(runs), "runs": runs, **({"lr": lr} if lr is not None else {})}
+
+
+def _condensed_set(cfg: Config, meta: dict[str, Any]) -> ImageSet:
     from sre2l_ray.data.datasets import STATS
 
     mean, std, _ = STATS[cfg.data.name]
-    store = synthetic_store(cfg, list(meta["classes"]))
-    with measure() as stats:
-        synthetic = store.as_image_set(mean, std)
-        metrics = _student(cfg, "sre2l", synthetic, True, tracker, val_scorer(cfg))
-    _record_stage(cfg, "relabel", stats)
-    return metrics
+    return synthetic_store(cfg, list(meta["classes"])).as_image_set(mean, std)
 
 
-def run_evaluate(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
-    """Evaluate the SRe2L student and train/evaluate the real-subset baselines; writes results.json."""
+def run_relabel(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Train the condensed set's students (teacher's soft labels, every evaluation seed); evaluate them on real val."""
     tracker = tracker or Tracker(cfg)
     _setup(cfg)
     meta = _teacher_meta(cfg)
-    students: dict[str, dict[str, float]] = {}
+    with measure() as stats:
+        condensed = _condensed_set(cfg, meta)
+        result = _student_runs(cfg, "condensed", lambda k: condensed, tracker, val_scorer(cfg))
+    _record_stage(cfg, "relabel", stats)
+    return result
+
+
+def full_data_accuracy(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
+    """HLR's reference: full-data hard-label top-1. The teacher is that model when the student has its architecture;
+    otherwise the teacher's accuracy stands in, and the result says so."""
+    same = cfg.relabel.model.model_dump(exclude={"weights"}) == {k: v for k, v in meta["model_config"].items() if k != "weights"}
+    source = "teacher (same architecture as the student)" if same else "teacher (a different architecture from the student)"
+    return {"top1": float(meta["metrics"].get("val_top1", float("nan"))), "source": source}
+
+
+def run_evaluate(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
+    """DD-Ranking evaluation: per seed, the condensed set's students and, with the same recipe, a random real subset's
+    (soft and hard labels) plus the condensed set with hard labels; IOR and HLR over seeds. Writes results.json."""
+    tracker = tracker or Tracker(cfg)
+    _setup(cfg)
+    meta = _teacher_meta(cfg)
     with tracker.run("evaluate", nested=True, log_config=False), measure() as stats:
-        sre2l = out_dir(cfg) / "students" / "sre2l" / "metrics.json"
-        if not sre2l.is_file():
-            raise FileNotFoundError(f"no SRe2L student at '{sre2l.parent}'; run `sre2l relabel` first")
-        students["sre2l"] = json.loads(sre2l.read_text())["metrics"]
+        score = val_scorer(cfg)
+        condensed = _condensed_set(cfg, meta)
+        # Reused when the keyed results match this config (relabel ran them), else trained now with this recipe.
+        students = {"condensed": _student_runs(cfg, "condensed", lambda k: condensed, tracker, score)}
+        summary: dict[str, Any] = {}
         if cfg.evaluate.baselines:
-            subset = real_subset(cfg.data, cfg.recover.ipc, cfg.seed)
-            score = val_scorer(cfg)
-            students["real_soft"] = _student(cfg, "real_soft", subset, True, tracker, score)
-            students["real_hard"] = _student(cfg, "real_hard", subset, False, tracker, score)
-        for name, m in students.items():
-            tracker.log_metrics({f"{name}_{k}": v for k, v in m.items()})
+            seeds = [cfg.seed + k for k in range(cfg.evaluate.seeds)]
+            subsets = dict(zip(range(len(seeds)), real_subsets(cfg.data, cfg.recover.ipc, seeds)))
+            students["random_soft"] = _student_runs(cfg, "random_soft", subsets.__getitem__, tracker, score)
+            students["random_hard"] = _student_runs(cfg, "random_hard", subsets.__getitem__, tracker, score)
+            students["condensed_hard"] = _student_runs(cfg, "condensed_hard", lambda k: condensed, tracker, score)
+            top1 = lambda kind: [r["top1"] for r in students[kind]["runs"]]  # noqa: E731
+            ior, ior_std = improvement_over_random(top1("condensed"), top1("random_soft"))
+            full = full_data_accuracy(cfg, meta)
+            summary = {
+                "ior": {"top1": ior, "top1_std": ior_std},
+                "hlr": {"top1": full["top1"] - students["condensed_hard"]["top1"], "full_top1": full["top1"], "full_source": full["source"]},
+            }
+        tracker.log_metrics(headline_metrics(students, summary))
     _record_stage(cfg, "evaluate", stats)
     stages = json.loads((out_dir(cfg) / "stages.json").read_text())
     results = {
         "dataset": cfg.data.name,
         "ipc": cfg.recover.ipc,
+        "seeds": cfg.evaluate.seeds,
         "teacher": meta["metrics"],
         "students": students,
+        **summary,
         "stages": stages,
         "config_hash": cfg.hash(),
     }
     atomic_write_json(out_dir(cfg) / "results.json", results)
     tracker.log_artifact(out_dir(cfg) / "results.json")
     return results
+
+
+def headline_metrics(students: dict[str, dict[str, Any]], summary: dict[str, Any]) -> dict[str, float]:
+    """Flat MLflow metrics: <kind>_top1 / _top1_std / _top5 (means over seeds), ior_top1 (+ _std), hlr_top1."""
+    out = {f"{kind}_{m}": v for kind, s in students.items() for m, v in s.items() if isinstance(v, float)}
+    out.update({f"{name}_{m}": v for name, part in summary.items() for m, v in part.items() if isinstance(v, float)})
+    return out
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
@@ -346,21 +417,29 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         tracker.log_artifact(out_dir(cfg) / "synthetic_grid.png")
         tracker.log_artifact(out_dir(cfg) / "synthetic" / "manifest.json")
         # Headline numbers on the parent too, so `sre2l compare` finds one row per pipeline.
-        tracker.log_metrics({f"{name}_{k}": v for name, m in results["students"].items() for k, v in m.items()})
+        summary = {k: results[k] for k in ("ior", "hlr") if k in results}
+        tracker.log_metrics(headline_metrics(results["students"], summary))
         tracker.log_metrics({f"teacher_{k}": v for k, v in results["teacher"].items()})
     return results
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """The final table the CLI prints: one row per student, then per-stage time and memory."""
-    lines = [f"{results['dataset']} IPC {results['ipc']}   teacher top-1 {results['teacher'].get('val_top1', float('nan')):.2f}%", ""]
-    lines.append(f"{'student':<12}{'top-1 %':>10}{'top-5 %':>10}")
-    labels = {"sre2l": "SRe2L", "real_soft": "real+soft", "real_hard": "real hard"}
+    """The final table the CLI prints: one row per student (mean +- std over seeds), IOR and HLR, then per-stage time
+    and memory."""
+    seeds = results.get("seeds", 1)
+    lines = [f"{results['dataset']} IPC {results['ipc']}   {seeds} seed(s)   teacher top-1 {results['teacher'].get('val_top1', float('nan')):.2f}%", ""]
+    lines.append(f"{'student':<16}{'top-1 %':>16}{'top-5 %':>16}")
     for name, m in results["students"].items():
-        lines.append(f"{labels.get(name, name):<12}{m['top1']:>10.2f}{m['top5']:>10.2f}")
+        cell = lambda k: f"{m[k]:.2f} ± {m.get(k + '_std', 0.0):.2f}"  # noqa: E731
+        lines.append(f"{STUDENTS.get(name, name):<16}{cell('top1'):>16}{cell('top5'):>16}")
+    if "ior" in results:
+        ior, hlr = results["ior"], results["hlr"]
+        lines.append("")
+        lines.append(f"IOR  {ior['top1']:+.2f} ± {ior['top1_std']:.2f}  (condensed+soft - random+soft, per seed)")
+        lines.append(f"HLR  {hlr['top1']:.2f}  (full-data top-1 {hlr['full_top1']:.2f} from the {hlr['full_source']} - condensed hard)")
     lines.append("")
-    lines.append(f"{'stage':<12}{'wall s':>10}{'peak MB':>10}")
+    lines.append(f"{'stage':<16}{'wall s':>16}{'peak MB':>16}")
     for stage in [s for s in STAGES if s in results["stages"]]:
-        s = results["stages"][stage]
-        lines.append(f"{stage:<12}{s['wall_s']:>10.1f}{s['peak_rss_mb']:>10.0f}")
+        st = results["stages"][stage]
+        lines.append(f"{stage:<16}{st['wall_s']:>16.1f}{st['peak_rss_mb']:>16.0f}")
     return "\n".join(lines)

@@ -124,8 +124,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TRIGGERS = {
     "squeeze": lambda out: (out / "squeeze" / "last.pt").is_file(),
     "recover": lambda out: any((out / "synthetic" / ".done").glob("*.json")),
-    "relabel": lambda out: (out / "students" / "sre2l" / "last.pt").is_file(),
-    "evaluate": lambda out: (out / "students" / "real_soft" / "last.pt").is_file(),
+    "relabel": lambda out: (out / "students" / "condensed" / "seed0" / "last.pt").is_file(),
+    "evaluate": lambda out: (out / "students" / "random_soft" / "seed0" / "last.pt").is_file(),
 }
 
 

@@ -49,9 +49,9 @@ def test_job_submit_tiny_pipeline_succeeds(cluster, tmp_path):
         time.sleep(3)
     logs = _ray_job(env, "logs", f"--address={address}", job_id).stdout
     assert "succeeded" in status, f"{status}\n{logs[-3000:]}"
-    assert "SRe2L" in logs, "the job printed the results table"
+    assert "condensed+soft" in logs, "the job printed the results table"
     results = json.loads((out / "results.json").read_text())
-    assert set(results["students"]) == {"sre2l"} and results["ipc"] == 2
+    assert set(results["students"]) == {"condensed"} and results["ipc"] == 2
     assert len(list((out / "synthetic").rglob("*.png"))) == 10 * 2
     # The stages really went through Ray: Train runs and their checkpoints are under <output_dir>/ray.
     assert sorted(p.name.split("-")[0] for p in (out / "ray").iterdir() if p.is_dir()) == ["relabel", "squeeze"]

@@ -26,7 +26,7 @@ def test_pipeline_writes_every_output(tiny_run: tuple) -> None:
     assert len(pngs) == 10 * cfg.recover.ipc
     assert (out / "synthetic_grid.png").is_file() and (out / "teacher.pt").is_file() and (out / "config.yaml").is_file()
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["students"]) == {"sre2l", "real_soft", "real_hard"}
+    assert set(saved["students"]) == {"condensed", "random_soft", "random_hard", "condensed_hard"}
     assert set(saved["stages"]) == {"squeeze", "recover", "relabel", "evaluate"}
     for m in saved["students"].values():
         assert 0 <= m["top1"] <= m["top5"] <= 100
@@ -50,6 +50,6 @@ def test_rerun_skips_finished_work(tiny_run: tuple) -> None:
 def test_cli_runs_a_stage_and_reports_bad_config(tiny_run: tuple, capsys: pytest.CaptureFixture) -> None:
     cfg, _ = tiny_run
     assert cli.main(["evaluate", str(ROOT / "configs/tiny.yaml"), f"output_dir={cfg.output_dir}", "ray.enabled=false", f"data.root={cfg.data.root}"]) == 0
-    assert "SRe2L" in capsys.readouterr().out
+    assert "condensed+soft" in capsys.readouterr().out
     assert cli.main(["config", "show", "--config", str(ROOT / "configs/tiny.yaml"), "recover.iters=3"]) == 2
     assert "did you mean 'recover.iterations'" in capsys.readouterr().err

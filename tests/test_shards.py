@@ -190,7 +190,7 @@ def test_pipeline_squeeze_and_relabel_from_shards(folders: dict[str, Path], tmp_
         [f"output_dir={tmp_path / 'run'}", "ray.enabled=false", "data.name=shards", f"data.root={tmp_path / 's'}", "data.image_size=28"],
     )
     results = run_pipeline(cfg)
-    assert results["dataset"] == "shards" and set(results["students"]) == {"sre2l", "real_soft", "real_hard"}
+    assert results["dataset"] == "shards" and set(results["students"]) == {"condensed", "random_soft", "random_hard", "condensed_hard"}
     assert 0 <= results["teacher"]["val_top1"] <= 100
 
 
@@ -244,9 +244,9 @@ def test_ray_pipeline_streams_shards(folders: dict[str, Path], tmp_path: Path, r
         f"data.root={tmp_path / 's'}", "data.image_size=28", "data.train_limit=40", "data.val_limit=20",
     ])
     results = run_pipeline(cfg)
-    assert set(results["students"]) == {"sre2l", "real_soft", "real_hard"}
+    assert set(results["students"]) == {"condensed", "random_soft", "random_hard", "condensed_hard"}
     # 20 val images: every accuracy is a multiple of 5 %.
     for m in [results["teacher"], *({f"val_{k}": v for k, v in s.items()} for s in results["students"].values())]:
         assert m["val_top1"] % 5 == pytest.approx(0, abs=1e-6) or m["val_top1"] % 5 == pytest.approx(5, abs=1e-6)
-    images = json.loads((tmp_path / "run" / "students" / "real_soft" / "metrics.json").read_text())["images"]
+    images = json.loads((tmp_path / "run" / "students" / "random_soft" / "seed0" / "metrics.json").read_text())["images"]
     assert images == cfg.recover.ipc * 10

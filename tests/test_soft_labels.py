@@ -119,10 +119,10 @@ def test_pipeline_relabel_with_precomputed_labels(tmp_path: Path) -> None:
         [f"output_dir={tmp_path}", f"data.root={ROOT / 'data'}", "ray.enabled=false", "relabel.soft_labels=precomputed", "relabel.cutmix=0.5"],
     )
     results = run_pipeline(cfg)
-    assert set(results["students"]) == {"sre2l", "real_soft", "real_hard"}
-    files = sorted((tmp_path / "students" / "sre2l" / "soft_labels").rglob("epoch-*.parquet"))
+    assert set(results["students"]) == {"condensed", "random_soft", "random_hard", "condensed_hard"}
+    files = sorted((tmp_path / "students" / "condensed" / "seed0" / "soft_labels").rglob("epoch-*.parquet"))
     assert len(files) == cfg.relabel.epochs
-    assert not (tmp_path / "students" / "real_hard" / "soft_labels").exists()  # hard labels need no teacher outputs
+    assert not (tmp_path / "students" / "random_hard" / "seed0" / "soft_labels").exists()  # hard labels need no teacher outputs
 
 
 @pytest.mark.ray

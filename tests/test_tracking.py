@@ -68,7 +68,7 @@ def test_pipeline_tracked_on_server(mlflow_server: str, tiny_config) -> None:
     assert len(parents) == 1
     parent = parents[0]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"squeeze", "recover", "relabel:sre2l", "evaluate"} <= set(children)
+    assert {"squeeze", "recover", "relabel:condensed/seed0", "evaluate"} <= set(children)
     assert all(r.info.status == "FINISHED" for r in runs)
 
     # params: the flattened resolved config, on the parent and on each stage run
@@ -80,7 +80,7 @@ def test_pipeline_tracked_on_server(mlflow_server: str, tiny_config) -> None:
     assert [m.step for m in loss] == list(range(cfg.squeeze.epochs))
     assert client.get_metric_history(children["squeeze"].info.run_id, "lr")
     assert "loss_bn" in children["recover"].data.metrics
-    assert parent.data.metrics["sre2l_top1"] == pytest.approx(results["students"]["sre2l"]["top1"])
+    assert parent.data.metrics["condensed_top1"] == pytest.approx(results["students"]["condensed"]["top1"])
     # artifacts
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "synthetic_grid.png", "manifest.json", "results.json"} <= names

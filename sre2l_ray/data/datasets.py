@@ -258,13 +258,21 @@ def check_subset_fits(cfg: DataConfig, per_class: int) -> None:
 def real_subset(cfg: DataConfig, per_class: int, seed: int) -> ImageSet:
     """A seeded random `per_class` images per class of the training split (after data.train_limit), as the real-data
     baselines train on. Shards decode only the picked rows, so this stays cheap on ImageNet-sized splits."""
+    return real_subsets(cfg, per_class, [seed])[0]
+
+
+def real_subsets(cfg: DataConfig, per_class: int, seeds: list[int]) -> list[ImageSet]:
+    """`real_subset` for each seed (one draw per evaluation seed), reading the split once."""
     if cfg.name != "shards":
         train = load_split(cfg, train=True)
-        return train.subset(stratified_indices(train.labels, per_class, seed, train.classes))
+        return [train.subset(stratified_indices(train.labels, per_class, seed, train.classes)) for seed in seeds]
     from sre2l_ray.data.shards import load_shard_split
 
     mean, std, native = STATS[cfg.name]
     index, labels, classes = _kept_shard_labels(cfg, True)
-    pick = stratified_indices(labels, per_class, seed, classes)
-    images, labels, _ = load_shard_split(cfg, True, cfg.image_size or native, rows=index[pick.numpy()])
-    return ImageSet(images, labels, classes, mean, std)
+    out = []
+    for seed in seeds:
+        pick = stratified_indices(labels, per_class, seed, classes)
+        images, picked, _ = load_shard_split(cfg, True, cfg.image_size or native, rows=index[pick.numpy()])
+        out.append(ImageSet(images, picked, classes, mean, std))
+    return out

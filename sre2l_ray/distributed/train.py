@@ -272,15 +272,17 @@ def fit_teacher_from_shards(cfg: Config, on_epoch: OnEpoch | None = None) -> tup
     return _driver_model(cfg, cfg.squeeze.model, shape, outcome.model_state), outcome.history[-1], classes, shape
 
 
-def fit_student(cfg: Config, data: ImageSet, teacher_path: Path | None, name: str, on_epoch: OnEpoch | None = None) -> nn.Module:
-    """Relabel on Ray Train: soft labels from the teacher at `teacher_path`, or hard labels when it is None."""
+def fit_student(cfg: Config, data: ImageSet, teacher_path: Path | None, name: str, work: Path, on_epoch: OnEpoch | None = None) -> nn.Module:
+    """Relabel on Ray Train: soft labels from the teacher at `teacher_path`, or hard labels when it is None. `name`
+    tells the pipeline's students apart (kind and seed); `work` is the student's folder."""
+    from sre2l_ray.stages.soft_labels import soft_label_source
+
     key = cfg.hash("seed", "data", "squeeze", "recover", "relabel")
     run_name = f"relabel-{name}-{'soft' if teacher_path else 'hard'}-{key}-{len(data)}"
     soft = None
     if teacher_path is not None and cfg.relabel.soft_labels == "precomputed":
         # Same folder and key as the in-process path (pipeline._student), so either path reuses the other's labels.
-        soft = {"dir": str((Path(cfg.output_dir) / "students" / name / "soft_labels").resolve()),
-                "source": cfg.hash("seed", "data", "squeeze", "recover") + name}
+        soft = {"dir": str((work / "soft_labels").resolve()), "source": soft_label_source(cfg, name)}
     outcome = run_training(cfg, "relabel", run_name, data, teacher=teacher_path, soft_labels=soft)
     _replay(outcome, on_epoch)
     return _driver_model(cfg, cfg.relabel.model, data, outcome.model_state)

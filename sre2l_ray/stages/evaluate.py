@@ -1,8 +1,14 @@
-"""Top-1/top-5 accuracy and loss of a model on a labelled set."""
+"""Top-1/top-5 accuracy and loss of a model on a labelled set, and the DD-Ranking summary over evaluation seeds.
+
+DD-Ranking (Li et al., arXiv 2505.13300) compares a condensed set with a random real subset of the same size that gets
+the identical student recipe and labels: IOR (improvement over random) = condensed - random, both with the teacher's
+soft labels; HLR (hard-label recovery) = full-data hard-label accuracy - the condensed set's hard-label accuracy.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
+import statistics
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,3 +48,27 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, channels_l
         for i in range(0, len(data), batch_size)
     )
     return evaluate_batches(model, batches, data.num_classes, channels_last)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    vals = [float(v) for v in values]
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def summarize_seeds(runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-seed metrics -> mean and std of each (top1, top1_std, top5, ...)."""
+    out: dict[str, float] = {}
+    for key in runs[0]:
+        if key == "seed":
+            continue
+        out[key], out[f"{key}_std"] = mean_std([r[key] for r in runs])
+    return out
+
+
+def improvement_over_random(condensed: Sequence[float], random: Sequence[float]) -> tuple[float, float]:
+    """IOR and its spread: the mean and std of the per-seed differences condensed - random (seed k of each side shares
+    the student's seed and recipe; the random subset is drawn anew per seed), in accuracy points."""
+    if len(condensed) != len(random):
+        raise ValueError("IOR pairs the two sides seed by seed: give both the same number of seeds")
+    return mean_std([c - r for c, r in zip(condensed, random)])

@@ -249,3 +249,9 @@ def storage_report(store: SoftLabelStore, epochs: int) -> dict[str, Any]:
     full = epochs * store.spec.n_items * store.spec.num_classes * 2
     used = store.bytes()
     return {"bytes": used, "full_fp16_bytes": full, "ratio": used / full if full else float("nan")}
+
+
+def soft_label_source(cfg: Config, name: str) -> str:
+    """What a student's precomputed soft labels are keyed by: the teacher and images (config hash) and the student
+    (`name`: its kind and evaluation seed, whose images may differ, e.g. a redrawn random subset)."""
+    return cfg.hash("seed", "data", "squeeze", "recover") + name

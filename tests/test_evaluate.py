@@ -1,0 +1,86 @@
+"""DD-Ranking evaluation: seeds, a random subset redrawn per seed, IOR paired by seed, HLR, the lr grid, and a
+changed student recipe retraining every student (no stale result mixed in)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sre2l_ray.pipeline import run_evaluate, run_pipeline
+from sre2l_ray.stages.evaluate import improvement_over_random, mean_std, summarize_seeds
+
+
+def test_mean_std_and_summary() -> None:
+    assert mean_std([1.0]) == (1.0, 0.0)
+    m, s = mean_std([1.0, 2.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(1.0)
+    out = summarize_seeds([{"seed": 0, "top1": 10.0}, {"seed": 1, "top1": 20.0}])
+    assert out == {"top1": 15.0, "top1_std": pytest.approx(7.0710678)}
+
+
+def test_ior_is_paired_by_seed() -> None:
+    # Differences 1, 3, 5: IOR 3 +- 2, whatever the spread of each side on its own.
+    ior, std = improvement_over_random([51.0, 73.0, 95.0], [50.0, 70.0, 90.0])
+    assert ior == pytest.approx(3.0) and std == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="same number of seeds"):
+        improvement_over_random([1.0], [1.0, 2.0])
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory: pytest.TempPathFactory):
+    from sre2l_ray.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("eval")
+    cfg = load_config(root / "configs/tiny.yaml", [f"output_dir={out}", "ray.enabled=false", f"data.root={root / 'data'}", "evaluate.seeds=2"])
+    return cfg, run_pipeline(cfg)
+
+
+def test_every_student_runs_every_seed_with_a_fresh_subset(two_seeds) -> None:
+    cfg, results = two_seeds
+    out = Path(cfg.output_dir)
+    assert results["seeds"] == 2
+    for kind in ("condensed", "condensed_hard", "random_soft", "random_hard"):
+        runs = results["students"][kind]["runs"]
+        assert [r["seed"] for r in runs] == [0, 1]
+        assert results["students"][kind]["top1"] == pytest.approx(sum(r["top1"] for r in runs) / 2)
+        seeds = [json.loads((out / "students" / kind / f"seed{k}" / "metrics.json").read_text())["relabel_seed"] for k in (0, 1)]
+        assert seeds == [cfg.seed, cfg.seed + 1]  # each seed trains its own student
+    # The random subset is redrawn per seed: the two seeds' students saw different images.
+    from sre2l_ray.data.datasets import real_subsets
+
+    a, b = real_subsets(cfg.data, cfg.recover.ipc, [cfg.seed, cfg.seed + 1])
+    assert not torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    cond = [r["top1"] for r in results["students"]["condensed"]["runs"]]
+    rand = [r["top1"] for r in results["students"]["random_soft"]["runs"]]
+    assert results["ior"]["top1"] == pytest.approx(sum(c - r for c, r in zip(cond, rand)) / 2)
+    teacher = results["teacher"]["val_top1"]
+    assert results["hlr"]["top1"] == pytest.approx(teacher - results["students"]["condensed_hard"]["top1"])
+    assert "same architecture" in results["hlr"]["full_source"]
+
+
+def test_changed_student_recipe_retrains_the_condensed_student_too(two_seeds) -> None:
+    """`sre2l evaluate <same config> relabel.temperature=4` once reused the condensed student trained at another
+    temperature: every student must follow the recipe of this call."""
+    cfg, _ = two_seeds
+    metrics = Path(cfg.output_dir) / "students" / "condensed" / "seed0" / "metrics.json"
+    before = json.loads(metrics.read_text())["key"]
+    hot = cfg.model_copy(update={"relabel": cfg.relabel.model_copy(update={"temperature": cfg.relabel.temperature + 3})})
+    run_evaluate(hot)
+    assert json.loads(metrics.read_text())["key"] != before
+
+
+def test_lr_grid_picks_the_best_lr_per_student_kind(tiny_config) -> None:
+    cfg = tiny_config("evaluate.lr_grid=[1.0e-4, 5.0e-2]", "evaluate.baselines=false")
+    from sre2l_ray.pipeline import run_recover, run_relabel, run_squeeze
+
+    run_squeeze(cfg)
+    run_recover(cfg)
+    result = run_relabel(cfg)
+    folder = Path(cfg.output_dir) / "students" / "condensed"
+    trials = {lr: json.loads((folder / f"seed0-lr{lr:g}" / "metrics.json").read_text())["metrics"]["top1"] for lr in (1e-4, 5e-2)}
+    assert result["lr"] == max(trials, key=trials.get)
+    assert result["runs"][0]["top1"] == trials[result["lr"]]
