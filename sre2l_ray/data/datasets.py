@@ -239,40 +239,52 @@ def shard_rows(cfg: DataConfig, train: bool) -> np.ndarray | None:
     return _kept_shard_labels(cfg, train)[0]
 
 
-def check_subset_fits(cfg: DataConfig, per_class: int) -> None:
-    """Fail now, in one line, if the training split (after data.train_limit) has a class with fewer than `per_class`
-    images, instead of at the evaluate stage hours later. Reads labels only where it can (shards, image folders)."""
+def train_labels(cfg: DataConfig) -> tuple[torch.Tensor, list[str]]:
+    """Labels of the training split after data.train_limit (position i is the i-th image `train_images` can load), and
+    the class names. Reads labels only where it can (shards, image folders)."""
     if cfg.name == "shards":
         _, labels, classes = _kept_shard_labels(cfg, True)
+        return labels, classes
+    if cfg.name == "imagefolder":
+        classes, items = scan_image_folder(Path(cfg.root) / cfg.train_dir)
+        labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
     else:
-        if cfg.name == "imagefolder":
-            classes, items = scan_image_folder(Path(cfg.root) / cfg.train_dir)
-            labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
-        else:
-            _, labels, classes = _torchvision_split(cfg, train=True)
-        keep = _limit_positions(cfg, True, labels, classes)
-        labels = labels if keep is None else labels[keep]
+        _, labels, classes = _torchvision_split(cfg, train=True)
+    keep = _limit_positions(cfg, True, labels, classes)
+    return (labels if keep is None else labels[keep]), classes
+
+
+def check_subset_fits(cfg: DataConfig, per_class: int) -> None:
+    """Fail now, in one line, if the training split (after data.train_limit) has a class with fewer than `per_class`
+    images, instead of at the evaluate stage hours later."""
+    labels, classes = train_labels(cfg)
     stratified_indices(labels, per_class, seed=0, classes=classes)
+
+
+def train_images(cfg: DataConfig, picks: list[torch.Tensor]) -> list[ImageSet]:
+    """The training images at each tensor of positions in `train_labels` order (after data.train_limit), reading the
+    split once; shards decode only the picked rows, so this stays cheap on ImageNet-sized splits."""
+    if cfg.name != "shards":
+        train = load_split(cfg, train=True)
+        return [train.subset(pick) for pick in picks]
+    from sre2l_ray.data.shards import load_shard_split
+
+    mean, std, native = STATS[cfg.name]
+    index, _, classes = _kept_shard_labels(cfg, True)
+    out = []
+    for pick in picks:
+        images, labels, _ = load_shard_split(cfg, True, cfg.image_size or native, rows=index[pick.numpy()])
+        out.append(ImageSet(images, labels, classes, mean, std))
+    return out
 
 
 def real_subset(cfg: DataConfig, per_class: int, seed: int) -> ImageSet:
     """A seeded random `per_class` images per class of the training split (after data.train_limit), as the real-data
-    baselines train on. Shards decode only the picked rows, so this stays cheap on ImageNet-sized splits."""
+    baselines train on."""
     return real_subsets(cfg, per_class, [seed])[0]
 
 
 def real_subsets(cfg: DataConfig, per_class: int, seeds: list[int]) -> list[ImageSet]:
     """`real_subset` for each seed (one draw per evaluation seed), reading the split once."""
-    if cfg.name != "shards":
-        train = load_split(cfg, train=True)
-        return [train.subset(stratified_indices(train.labels, per_class, seed, train.classes)) for seed in seeds]
-    from sre2l_ray.data.shards import load_shard_split
-
-    mean, std, native = STATS[cfg.name]
-    index, labels, classes = _kept_shard_labels(cfg, True)
-    out = []
-    for seed in seeds:
-        pick = stratified_indices(labels, per_class, seed, classes)
-        images, picked, _ = load_shard_split(cfg, True, cfg.image_size or native, rows=index[pick.numpy()])
-        out.append(ImageSet(images, picked, classes, mean, std))
-    return out
+    labels, classes = train_labels(cfg)
+    return train_images(cfg, [stratified_indices(labels, per_class, seed, classes) for seed in seeds])
