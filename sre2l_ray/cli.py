@@ -12,11 +12,13 @@ from sre2l_ray.config import Config, ConfigError, load_config, to_yaml
 
 
 def parse_config_args(args: list[str], config: str | None = None) -> Config:
-    """`[CONFIG.yaml] [key=value ...]` (or --config CONFIG) -> validated Config."""
+    """`[CONFIG.yaml ...] [key=value ...]` (or --config CONFIG) -> validated Config; later YAML files override
+    earlier ones (a dataset config, then a recipe: `configs/fashion_mnist.yaml configs/recipes/rded.yaml`)."""
     rest = list(args)
-    if config is None and rest and rest[0].endswith((".yaml", ".yml")):
-        config = rest.pop(0)
-    return load_config(config, rest)
+    configs = [config] if config is not None else []
+    while rest and rest[0].endswith((".yaml", ".yml")):
+        configs.append(rest.pop(0))
+    return load_config(configs or None, rest)
 
 
 def _stage(fn_name: str) -> Callable[[Config], object]:
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
-        p.add_argument("args", nargs="*", help="[CONFIG.yaml] then dotted key=value overrides")
+        p.add_argument("args", nargs="*", help="[CONFIG.yaml ...] (later files override earlier ones) then dotted key=value overrides")
     p = sub.add_parser("config", help="show the resolved config")
     p.add_argument("action", choices=["show"])
     p.add_argument("--config", default=None)

@@ -308,9 +308,13 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Con
         raise ConfigError(_format_error(err)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (safe_load), apply overrides, validate."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+def load_config(path: str | Path | list[str | Path] | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML recipes (safe_load), later files overriding earlier ones (e.g. a dataset config, then a recipe from
+    configs/recipes/), apply overrides, validate."""
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    raw: dict[str, Any] = {}
+    for p in paths:
+        raw = _merge(raw, _read_yaml(Path(p)))
     return build_config(raw, overrides)
 
 

@@ -4,10 +4,11 @@ import pytest
 
 from sre2l_ray.config import Config, ConfigError, build_config, flatten, load_config, parse_overrides, to_yaml
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.joinpath("configs").rglob("*.yaml"))  # recipes/ too: a stale recipe fails here
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_shipped_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, Config)
@@ -73,3 +74,14 @@ def test_base_chain_merges_and_hash_tracks_sections(tmp_path: Path) -> None:
     assert cfg.hash("squeeze") == other.hash("squeeze")
     assert cfg.hash("recover") != other.hash("recover")
     assert flatten(cfg)["recover.ipc"] == 6
+
+
+def test_later_yaml_files_override_earlier_ones(tmp_path: Path) -> None:
+    """`sre2l pipeline configs/fashion_mnist.yaml configs/recipes/x.yaml k=v`: dataset config, then a recipe, then overrides."""
+    from sre2l_ray.cli import parse_config_args
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("recover: {iterations: 7}\nrelabel: {temperature: 9.0}\n")
+    cfg = parse_config_args([str(ROOT / "configs/fashion_mnist.yaml"), str(recipe), "relabel.temperature=3"])
+    assert cfg.recover.iterations == 7 and cfg.relabel.temperature == 3.0
+    assert cfg.recover.ipc == 10 and cfg.recover.lr == 0.25  # the dataset config's other keys stay
