@@ -30,7 +30,9 @@ from sre2l_ray.data.synthetic import SyntheticStore, atomic_write_bytes, atomic_
 from sre2l_ray.models import create_model
 from sre2l_ray.runtime import StageStats, measure, resolve_device, set_threads
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches, improvement_over_random, summarize_seeds
-from sre2l_ray.stages.recover import BNStatHooks, Shard, plan_shards, prepare_teacher, recover_shard
+from sre2l_ray.recovery import RealImages, batch_inputs, ensure_class_stats, load_class_stats, needs_real_images, recovery_plan
+from sre2l_ray.stages.recover import BNStatHooks, Shard, prepare_teacher, recover_shard
+from sre2l_ray.stages.select import select_class
 from sre2l_ray.stages.relabel import freeze, train_student
 from sre2l_ray.stages.squeeze import train_teacher
 from sre2l_ray.tracking import Tracker
@@ -157,9 +159,10 @@ def _teacher_meta(cfg: Config) -> dict[str, Any]:
 
 
 class ShardRecoverer:
-    """One recovery worker: the frozen teacher with its BN hooks, built once, then any number of shards.
+    """One recovery worker: the frozen teacher with its BN hooks, built once, then any number of recovery batches.
 
     Used in-process by `recover_local` and as a Ray actor by distributed/recover.py (hence the plain-dict config).
+    `meta["class_stats"]` names the per-class BN statistics file when recover.class_stats_weight > 0.
     """
 
     def __init__(self, cfg_dump: dict[str, Any], store: SyntheticStore, meta: dict[str, Any], threads: int | None):
@@ -167,30 +170,45 @@ class ShardRecoverer:
 
         self.cfg = Config.model_validate(cfg_dump)
         set_threads(threads)
-        device = resolve_device(self.cfg.device)
+        self.device = resolve_device(self.cfg.device)
         self.store = store
         self.mean, self.std, _ = STATS[self.cfg.data.name]
-        self.teacher = prepare_teacher(load_teacher(self.cfg, device), self.cfg.recover)
-        self.hooks = BNStatHooks(self.teacher)
-        self.bounds = ImageSet(torch.empty(0), torch.empty(0), store.classes, self.mean, self.std).pixel_bounds(device)
+        self.teacher = prepare_teacher(load_teacher(self.cfg, self.device), self.cfg.recover)
+        stats = load_class_stats(Path(meta["class_stats"])) if meta.get("class_stats") else None
+        self.hooks = BNStatHooks(self.teacher, stats, self.cfg.recover.class_stats_weight if stats else 0.0)
+        self.pixels = ImageSet(torch.empty(0), torch.empty(0), store.classes, self.mean, self.std)
+        self.bounds = self.pixels.pixel_bounds(self.device)
         self.shape = (int(meta["channels"]), int(meta["size"]), int(meta["size"]))
 
-    def run(self, shard: Shard, attempt: int = 1) -> list[dict[str, float]]:
-        """Recover one shard, write it (marker last), return its loss log."""
-        images, log = recover_shard(
-            self.teacher, self.hooks, shard, self.cfg.recover, self.cfg.seed, self.bounds, self.shape, self.cfg.channels_last, log_every=100
-        )
+    def run(self, shard: Shard, attempt: int = 1, init: torch.Tensor | None = None, candidates: list[torch.Tensor] | None = None) -> list[dict[str, float]]:
+        """Make one recovery batch's images, write them (marker last), return its loss log. `init`: uint8 start images
+        (recover.init=real); `candidates`: per class of the batch, uint8 real images to select from (method=select)."""
         targets = shard.targets()
+        if candidates is not None:
+            rc = self.cfg.recover
+            picked = {c: select_class(self.teacher, cand.to(self.device), c, rc.ipc, rc.select, self.cfg.seed, self.pixels.normalize)
+                      for c, cand in zip(shard.classes, candidates)}
+            images, log = torch.stack([picked[c][k] for c, k in targets]), [{"step": 0}]
+        else:
+            start = self.pixels.normalize(init.to(self.device)) if init is not None else None
+            normalised, log = recover_shard(
+                self.teacher, self.hooks, shard, self.cfg.recover, self.cfg.seed, self.bounds, self.shape, self.cfg.channels_last,
+                log_every=100, init=start,
+            )
+            images = to_uint8(normalised, self.mean, self.std)
         info = {"final_loss": log[-1], "attempt": attempt, "pid": os.getpid()}
-        self.store.write_shard(shard.id, [c for c, _ in targets], [k for _, k in targets], to_uint8(images, self.mean, self.std), info)
+        self.store.write_shard(shard.id, [c for c, _ in targets], [k for _, k in targets], images, info)
         return log
 
 
-def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress) -> None:
-    """Recover shards one after another in this process."""
+BatchInputs = Callable[[Shard], dict[str, Any]]
+
+
+def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress, inputs: BatchInputs) -> None:
+    """Recover batches one after another in this process."""
     worker = ShardRecoverer(cfg.model_dump(mode="json"), store, meta, cfg.threads)
     for shard in todo:
-        progress(shard, worker.run(shard))
+        progress(shard, worker.run(shard, **inputs(shard)))
 
 
 def run_recover(cfg: Config, tracker: Tracker | None = None) -> Path:
@@ -200,26 +218,31 @@ def run_recover(cfg: Config, tracker: Tracker | None = None) -> Path:
     meta = _teacher_meta(cfg)
     store = synthetic_store(cfg, list(meta["classes"]))
     store.open()
-    shards = plan_shards(int(meta["num_classes"]), cfg.recover)
+    shards = recovery_plan(int(meta["num_classes"]), cfg)
     done = store.done_shards()
     todo = [s for s in shards if s.id not in done]
     with tracker.run("recover", nested=True), measure() as stats:
-        bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="recover", unit="shard")
+        bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="recover", unit="batch")
         t0, n_img = time.perf_counter(), [0]
 
         def progress(shard, log: list[dict[str, float]]) -> None:
             n_img[0] += len(shard.targets())
             bar.update(1)
-            bar.set_postfix(img_per_s=f"{n_img[0] / (time.perf_counter() - t0):.2f}", loss=f"{log[-1]['loss']:.3g}")
+            bar.set_postfix(img_per_s=f"{n_img[0] / (time.perf_counter() - t0):.2f}", **({"loss": f"{log[-1]['loss']:.3g}"} if "loss" in log[-1] else {}))
             tracker.log_metrics({k: v for k, v in log[-1].items() if k != "step"}, step=bar.n)
 
         if todo:
+            real = RealImages(cfg) if needs_real_images(cfg) else None
+            if cfg.recover.class_stats_weight > 0 and cfg.recover.method == "optimise":
+                teacher = load_teacher(cfg, resolve_device(cfg.device))
+                meta = {**meta, "class_stats": str(ensure_class_stats(cfg, out_dir(cfg), teacher).resolve())}
+            inputs: BatchInputs = lambda shard: batch_inputs(cfg, real, shard)  # noqa: E731
             if cfg.ray.enabled:
                 from sre2l_ray.distributed.recover import recover_on_actors
 
-                recover_on_actors(cfg, store, meta, todo, progress)
+                recover_on_actors(cfg, store, meta, todo, progress, inputs)
             else:
-                recover_local(cfg, store, meta, todo, progress)
+                recover_local(cfg, store, meta, todo, progress, inputs)
         bar.close()
         store.finalize()
         grid = save_grid(cfg, store)
@@ -280,7 +303,7 @@ def _student(cfg: Config, kind: str, k: int, data: ImageSet, tracker: Tracker, s
     tag = f"seed{k}" if lr is None else f"seed{k}-lr{lr:g}"
     work = out_dir(cfg) / "students" / kind / tag
     result_path = work / "metrics.json"
-    key = scfg.hash(*_KEYS[kind]) + f"-k{k}"
+    key = scfg.hash(*_KEYS[kind]) + f"-k{k}-ipc{scfg.recover.ipc}"  # the random subset's size is recover.ipc
     if result_path.is_file():
         done = json.loads(result_path.read_text())
         if done.get("key") == key:

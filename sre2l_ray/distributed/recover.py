@@ -45,13 +45,14 @@ def recover_on_actors(
     meta: dict[str, Any],
     todo: list[Shard],
     progress: Callable[[Shard, list[dict[str, float]]], None],
+    inputs: Callable[[Shard], dict[str, Any]] = lambda shard: {},
 ) -> None:
     """Recover `todo` on min(ray.num_actors, len(todo)) actors; returns when every shard is written."""
     ensure_ray(cfg)
     gpu = use_gpu(cfg)
     run_tag = uuid.uuid4().hex[:8]
     spawned = [0]
-    meta_small = {"channels": meta["channels"], "size": meta["size"]}  # not the teacher weights
+    meta_small = {k: meta.get(k) for k in ("channels", "size", "class_stats")}  # not the teacher weights
 
     def spawn():
         spawned[0] += 1
@@ -66,7 +67,8 @@ def recover_on_actors(
     def hand_out(actor: Any) -> None:
         if queue:
             shard, attempt = queue.popleft()
-            in_flight[actor.run.remote(shard, attempt)] = (actor, shard, attempt)
+            # A recovery batch travels with its own real images (recipes that start from or select them).
+            in_flight[actor.run.remote(shard, attempt, **inputs(shard))] = (actor, shard, attempt)
 
     actors = [spawn() for _ in range(min(cfg.ray.num_actors, len(todo)))]
     try:

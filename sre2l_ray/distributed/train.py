@@ -80,6 +80,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     else:
         model = prepare_model(relabel.build_student(cfg, data, device))
     opt, sched = core.make_optimizer(cfg, model, stream["rows"] if stream else len(data), world)
+    # relabel.ema_decay: the weight average is the trained student (kept in the checkpoint, so a resume continues it).
+    ema = relabel.build_ema(cfg, data, device) if kind == "relabel" else None
     epochs = cfg.squeeze.epochs if kind == "squeeze" else cfg.relabel.epochs
 
     start, history, attempts = 0, [], []
@@ -92,6 +94,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, history, attempts = int(state["epoch"]) + 1, list(state["history"]), list(state["attempts"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
     attempts.append(start)
 
     if kind == "squeeze" and stream:
@@ -106,7 +110,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         loss = relabel.student_loss(cfg, data, teacher)
         if teacher is not None and config.get("soft_labels"):
             loss = _precomputed_loss(cfg, data, teacher, config["soft_labels"], rank, world)
-        step = lambda epoch: relabel.relabel_epoch(cfg, model, opt, sched, data, loss, epoch, rank, world)  # noqa: E731
+        step = lambda epoch: relabel.relabel_epoch(cfg, model, opt, sched, data, loss, epoch, rank, world, ema=ema)  # noqa: E731
 
     fault = config.get("fault_file")
     every = 0  # epochs between reports, set from this attempt's first epoch
@@ -136,6 +140,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 save_checkpoint(
                     Path(d) / STATE_FILE, model=getattr(model, "module", model).state_dict(), optimizer=opt.state_dict(),
                     scheduler=sched.state_dict(), epoch=epoch, history=history, attempts=attempts, world=world,
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                 )
                 checkpoint = Checkpoint.from_directory(d)
             # Metrics are rank 0's (its share of the epoch); every rank must call report the same number of times.
@@ -230,7 +235,8 @@ def run_training(
         raise RuntimeError(f"Ray Train run '{run_name}' finished without a checkpoint; delete {_storage_path(cfg)}/{run_name} and rerun")
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / STATE_FILE)
-    return TrainOutcome(state["model"], list(state["history"]), list(state["attempts"]), int(state["world"]))
+    # With relabel.ema_decay the weight average, not the last weights, is the trained student.
+    return TrainOutcome(state.get("ema", state["model"]), list(state["history"]), list(state["attempts"]), int(state["world"]))
 
 
 def _replay(outcome: TrainOutcome, on_epoch: OnEpoch | None) -> None:
