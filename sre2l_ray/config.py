@@ -134,6 +134,12 @@ class RelabelConfig(_Group):
     """torch.compile student and teacher (opt-in; the first epoch pays the compile)."""
     bf16: bool = False
     """bf16 autocast of the student and teacher forwards on CUDA."""
+    # Student-side recipe knobs (EDC, arXiv 2404.13733); they apply alike to the condensed set and the real baselines.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Train-step decay of an exponential moving average of the student's weights, returned as the trained model;
+    None = the last weights (EDC: 0.99-0.999)."""
+    schedule_stretch: float = Field(1.0, ge=1)
+    """EDC's smoothed cosine: the cosine spans stretch x the training steps, so lr ends at 0.5*(1+cos(pi/stretch)) of its peak (EDC: 2)."""
 
 
 class EvaluateConfig(_Group):
