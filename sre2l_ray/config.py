@@ -111,6 +111,15 @@ class RecoverConfig(_Group):
     """torch.compile the teacher for the recovery loop (opt-in)."""
     bf16: bool = False
     """bf16 autocast of the teacher forward on CUDA."""
+    # Recipe knobs of SRe2L's successors (issue #14, recipes as data); the defaults are plain SRe2L.
+    crop_schedule: Literal["none", "step", "linear", "cosine"] = "none"
+    """CDA (arXiv 2311.18838) crop curriculum: the crop's lower scale bound anneals from the upper one to augment.crop_scale[0]."""
+    crop_milestone: float = Field(1.0, gt=0, le=1)
+    """Fraction of the iterations at which the crop curriculum reaches augment.crop_scale[0] (CDA's scripts: 1.0)."""
+    init: Literal["noise", "real"] = "noise"
+    """Start images: Gaussian noise (SRe2L) or a seeded real training image of the class (EDC, arXiv 2404.13733)."""
+    class_stats_weight: float = Field(0.0, ge=0, le=1)
+    """EDC soft category-aware matching alpha: weight of per-class BN statistics against the global ones (EDC: 0.5)."""
 
 
 class RelabelConfig(_Group):
