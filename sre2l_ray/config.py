@@ -91,6 +91,37 @@ class SqueezeConfig(_Group):
     """Use this teacher state dict instead of training one (weights_only load)."""
 
 
+class SelectConfig(_Group):
+    """RDED (arXiv 2312.03526) patch selection: defaults from its released scripts (factor 2, 300 candidates, 5 crops)."""
+
+    factor: Literal[1, 2] = 2
+    """Patches per image side: factor x factor selected crops, each downsampled by factor, tile one image."""
+    candidates: int = Field(300, ge=1)
+    """Real images per class considered (RDED's mipc); each contributes at most one patch."""
+    crops: int = Field(5, ge=1)
+    """Random crops scored per candidate (RDED's num_crop); the candidate keeps its lowest-CE one."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Candidate crops' area fraction (lower, upper) (RDED: torchvision's default, 0.08-1)."""
+    crop_ratio: tuple[float, float] = (1.0, 1.0)
+    """Candidate crops' aspect ratio range (RDED: square patches)."""
+    batch_size: int = Field(256, ge=1)
+    """Crops scored per teacher forward (memory only; the selection does not depend on it)."""
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1] <= 1):
+            raise ValueError(f"crop_scale must satisfy 0 < lower <= upper <= 1, got {list(v)}; e.g. [0.08, 1.0]")
+        return v
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio_positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError(f"crop_ratio must satisfy 0 < lower <= upper, got {list(v)}; e.g. [1.0, 1.0]")
+        return v
+
+
 class RecoverConfig(_Group):
     ipc: int = Field(10, ge=1)
     """Synthetic images per class."""
@@ -120,6 +151,20 @@ class RecoverConfig(_Group):
     """Start images: Gaussian noise (SRe2L) or a seeded real training image of the class (EDC, arXiv 2404.13733)."""
     class_stats_weight: float = Field(0.0, ge=0, le=1)
     """EDC soft category-aware matching alpha: weight of per-class BN statistics against the global ones (EDC: 0.5)."""
+    method: Literal["optimise", "select"] = "optimise"
+    """optimise images (SRe2L) or select real patches scored by the teacher, no optimisation (RDED)."""
+    select: SelectConfig = SelectConfig()
+    """RDED selection settings (method=select)."""
+
+    @model_validator(mode="after")
+    def _select_has_enough_candidates(self) -> RecoverConfig:
+        need = self.ipc * self.select.factor**2
+        if self.method == "select" and self.select.candidates < need:
+            raise ValueError(
+                f"select.candidates ({self.select.candidates}) must be at least ipc * factor^2 ({need}): each patch comes "
+                f"from its own candidate image; raise recover.select.candidates or lower recover.ipc / select.factor"
+            )
+        return self
 
 
 class RelabelConfig(_Group):

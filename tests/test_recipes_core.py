@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sre2l_ray.config import RecoverConfig, build_config
+from sre2l_ray.config import RecoverConfig, SelectConfig, build_config
 from sre2l_ray.data.augment import resized_crop
 from sre2l_ray.data.datasets import ImageSet
 from sre2l_ray.models import create_model
@@ -28,6 +28,7 @@ from sre2l_ray.stages.recover import (
     start_images,
 )
 from sre2l_ray.stages.relabel import ema_update, make_optimizer, train_student
+from sre2l_ray.stages.select import candidate_boxes, candidate_indices, crop_scores, pick_crops, select_class
 from sre2l_ray.stages.training import lr_schedule
 
 BOUNDS = (torch.full((1, 1, 1, 1), -1.0), torch.full((1, 1, 1, 1), 2.0))
@@ -197,6 +198,68 @@ def test_recover_with_class_statistics_runs_and_needs_them() -> None:
     assert torch.isfinite(x).all() and log[-1]["loss_bn"] < log[0]["loss_bn"]
     with pytest.raises(ValueError, match="class_stats"):
         BNStatHooks(teacher, None, class_weight=0.5)
+
+
+# --- RDED: real-patch selection ---------------------------------------------------------------------------
+
+
+def _select_setup(factor: int = 1):
+    teacher, data = _teacher(), _real(n=48)
+    cls = 1
+    images = data.images[candidate_indices(data.labels, cls, 8, seed=0)]
+    cfg = SelectConfig(factor=factor, candidates=8, crops=3, crop_scale=(0.3, 1.0), batch_size=5)
+    return teacher, data, cls, images, cfg
+
+
+def test_select_keeps_each_candidates_best_crop_and_the_lowest_ce_candidates() -> None:
+    teacher, data, cls, images, cfg = _select_setup()
+    boxes = candidate_boxes(len(images), cfg.crops, cls, 9, cfg)
+    # Brute force: every crop cut and scored on its own.
+    ce = torch.empty(len(images), cfg.crops)
+    with torch.no_grad():
+        for j in range(len(images)):
+            for k in range(cfg.crops):
+                crop = resized_crop(images[j:j + 1].float(), boxes[j * cfg.crops + k:j * cfg.crops + k + 1], None, 16)
+                ce[j, k] = F.cross_entropy(teacher(data.normalize(crop)), torch.tensor([cls]))
+    best = {j: min(range(cfg.crops), key=lambda k: ce[j, k]) for j in range(len(images))}
+    ranked = sorted(best, key=lambda j: ce[j, best[j]])[:3]
+    scores = crop_scores(teacher, images, cls, boxes, cfg.crops, data.normalize, cfg.batch_size)
+    assert torch.allclose(scores, ce, atol=1e-5)
+    assert pick_crops(scores, 3).tolist() == [j * cfg.crops + best[j] for j in ranked]
+    out = select_class(teacher, images, cls, 3, cfg, seed=9, normalize=data.normalize)
+    expected = torch.cat([resized_crop(images[j:j + 1].float(), boxes[[j * cfg.crops + best[j]]], None, 16) for j in ranked])
+    assert out.dtype == torch.uint8 and torch.equal(out, expected.round().clamp(0, 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="raise recover.select.candidates"):
+        select_class(teacher, images[:2], cls, 3, cfg, seed=9, normalize=data.normalize)
+
+
+def test_select_is_deterministic_per_seed_and_free_of_the_scoring_batch() -> None:
+    teacher, data, cls, images, cfg = _select_setup()
+    a = select_class(teacher, images, cls, 2, cfg, seed=1, normalize=data.normalize)
+    assert torch.equal(a, select_class(teacher, images, cls, 2, cfg.model_copy(update={"batch_size": 64}), seed=1, normalize=data.normalize))
+    assert not torch.equal(a, select_class(teacher, images, cls, 2, cfg, seed=2, normalize=data.normalize))
+
+
+def test_select_factor_two_tiles_the_downsampled_selected_crops() -> None:
+    teacher, data, cls, images, cfg = _select_setup(factor=2)
+    ipc = 2
+    boxes = candidate_boxes(len(images), cfg.crops, cls, 4, cfg)
+    rows = pick_crops(crop_scores(teacher, images, cls, boxes, cfg.crops, data.normalize, cfg.batch_size), ipc * 4)
+    crops = resized_crop(images[rows // cfg.crops].float(), boxes[rows], None, 16)
+    out = select_class(teacher, images, cls, ipc, cfg, seed=4, normalize=data.normalize)
+    assert out.shape == (ipc, 1, 16, 16)
+    for t, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        for p in range(ipc):
+            small = F.avg_pool2d(crops[t * ipc + p:t * ipc + p + 1], 2).round().clamp(0, 255).to(torch.uint8)
+            assert torch.equal(out[p:p + 1, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8], small), (t, p)
+
+
+def test_select_config_refuses_too_few_candidates() -> None:
+    from sre2l_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="raise recover.select.candidates"):
+        build_config({}, ["recover.method=select", "recover.ipc=10", "recover.select.candidates=39"])
+    assert build_config({}, ["recover.method=select", "recover.ipc=10", "recover.select.candidates=40"]).recover.select.factor == 2
 
 
 # --- EDC: student EMA and stretched cosine ----------------------------------------------------------------
