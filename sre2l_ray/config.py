@@ -91,6 +91,37 @@ class SqueezeConfig(_Group):
     """Use this teacher state dict instead of training one (weights_only load)."""
 
 
+class SelectConfig(_Group):
+    """RDED (arXiv 2312.03526) patch selection: defaults from its released scripts (factor 2, 300 candidates, 5 crops)."""
+
+    factor: Literal[1, 2] = 2
+    """Patches per image side: factor x factor selected crops, each downsampled by factor, tile one image."""
+    candidates: int = Field(300, ge=1)
+    """Real images per class considered (RDED's mipc); each contributes at most one patch."""
+    crops: int = Field(5, ge=1)
+    """Random crops scored per candidate (RDED's num_crop); the candidate keeps its lowest-CE one."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Candidate crops' area fraction (lower, upper) (RDED: torchvision's default, 0.08-1)."""
+    crop_ratio: tuple[float, float] = (1.0, 1.0)
+    """Candidate crops' aspect ratio range (RDED: square patches)."""
+    batch_size: int = Field(256, ge=1)
+    """Crops scored per teacher forward (memory only; the selection does not depend on it)."""
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1] <= 1):
+            raise ValueError(f"crop_scale must satisfy 0 < lower <= upper <= 1, got {list(v)}; e.g. [0.08, 1.0]")
+        return v
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio_positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError(f"crop_ratio must satisfy 0 < lower <= upper, got {list(v)}; e.g. [1.0, 1.0]")
+        return v
+
+
 class RecoverConfig(_Group):
     ipc: int = Field(10, ge=1)
     """Synthetic images per class."""
@@ -111,6 +142,29 @@ class RecoverConfig(_Group):
     """torch.compile the teacher for the recovery loop (opt-in)."""
     bf16: bool = False
     """bf16 autocast of the teacher forward on CUDA."""
+    # Recipe knobs of SRe2L's successors (issue #14, recipes as data); the defaults are plain SRe2L.
+    crop_schedule: Literal["none", "step", "linear", "cosine"] = "none"
+    """CDA (arXiv 2311.18838) crop curriculum: the crop's lower scale bound anneals from the upper one to augment.crop_scale[0]."""
+    crop_milestone: float = Field(1.0, gt=0, le=1)
+    """Fraction of the iterations at which the crop curriculum reaches augment.crop_scale[0] (CDA's scripts: 1.0)."""
+    init: Literal["noise", "real"] = "noise"
+    """Start images: Gaussian noise (SRe2L) or a seeded real training image of the class (EDC, arXiv 2404.13733)."""
+    class_stats_weight: float = Field(0.0, ge=0, le=1)
+    """EDC soft category-aware matching alpha: weight of per-class BN statistics against the global ones (EDC: 0.5)."""
+    method: Literal["optimise", "select"] = "optimise"
+    """optimise images (SRe2L) or select real patches scored by the teacher, no optimisation (RDED)."""
+    select: SelectConfig = SelectConfig()
+    """RDED selection settings (method=select)."""
+
+    @model_validator(mode="after")
+    def _select_has_enough_candidates(self) -> RecoverConfig:
+        need = self.ipc * self.select.factor**2
+        if self.method == "select" and self.select.candidates < need:
+            raise ValueError(
+                f"select.candidates ({self.select.candidates}) must be at least ipc * factor^2 ({need}): each patch comes "
+                f"from its own candidate image; raise recover.select.candidates or lower recover.ipc / select.factor"
+            )
+        return self
 
 
 class RelabelConfig(_Group):
@@ -134,6 +188,12 @@ class RelabelConfig(_Group):
     """torch.compile student and teacher (opt-in; the first epoch pays the compile)."""
     bf16: bool = False
     """bf16 autocast of the student and teacher forwards on CUDA."""
+    # Student-side recipe knobs (EDC, arXiv 2404.13733); they apply alike to the condensed set and the real baselines.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Train-step decay of an exponential moving average of the student's weights, returned as the trained model;
+    None = the last weights (EDC: 0.99-0.999)."""
+    schedule_stretch: float = Field(1.0, ge=1)
+    """EDC's smoothed cosine: the cosine spans stretch x the training steps, so lr ends at 0.5*(1+cos(pi/stretch)) of its peak (EDC: 2)."""
 
 
 class EvaluateConfig(_Group):

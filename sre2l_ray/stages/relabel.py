@@ -1,7 +1,8 @@
 """Relabel: a fresh student learns the teacher's temperature-softened outputs on random views of the condensed set.
 
 Online mode (default): the teacher labels exactly the view the student sees, in the same step. The same loop trains
-the baselines: a real subset with the same soft labels, or with hard labels.
+the baselines: a real subset with the same soft labels, or with hard labels. EDC's student-side knobs (an EMA of the
+weights, a stretched cosine) apply to all of them alike.
 """
 
 from __future__ import annotations
@@ -51,8 +52,30 @@ def freeze(model: nn.Module) -> nn.Module:
 def make_optimizer(cfg: Config, model: nn.Module, n_items: int, world: int = 1):
     rl = cfg.relabel
     opt = torch.optim.AdamW(model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay)
-    sched = lr_schedule(opt, "cosine", rl.epochs * steps_per_epoch(n_items, rl.batch_size, world))
+    sched = lr_schedule(opt, "cosine", rl.epochs * steps_per_epoch(n_items, rl.batch_size, world), stretch=rl.schedule_stretch)
     return opt, sched
+
+
+@torch.no_grad()
+def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    """One step of an exponential moving average of the weights (EDC, arXiv 2404.13733, after Polyak averaging):
+    ema = decay * ema + (1 - decay) * param; buffers (BN running statistics, counters) are copied, since averaging
+    them would describe no network that ever ran."""
+    for e, p in zip(ema_model.parameters(), model.parameters(), strict=True):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    for e, b in zip(ema_model.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
+def build_ema(cfg: Config, data: ImageSet, device: torch.device) -> nn.Module | None:
+    """The EMA copy for relabel.ema_decay (None when unset): the student's seeded initial weights, never compiled
+    (a deepcopy of an in-place-compiled student would keep calling the student's own compiled forward), frozen."""
+    if cfg.relabel.ema_decay is None:
+        return None
+    ema = build_model(cfg.relabel.model, data, device, cfg.channels_last, seed=student_seed(cfg))
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
 
 
 def student_seed(cfg: Config) -> int:
@@ -76,11 +99,19 @@ def student_loss(cfg: Config, data: ImageSet, teacher: nn.Module | None) -> Loss
     return online_soft_loss(teacher, cfg.relabel.temperature)
 
 
-def relabel_epoch(cfg: Config, model: nn.Module, opt, sched, data: ImageSet, loss: LossFn, epoch: int, rank: int = 0, world: int = 1) -> dict[str, float]:
+def relabel_epoch(
+    cfg: Config, model: nn.Module, opt, sched, data: ImageSet, loss: LossFn, epoch: int, rank: int = 0, world: int = 1,
+    ema: nn.Module | None = None,
+) -> dict[str, float]:
+    """One student epoch; with `ema` (build_ema), it follows the weights after every optimizer step."""
     rl = cfg.relabel
+    on_step = None
+    if ema is not None:
+        decay = float(rl.ema_decay)
+        on_step = lambda: ema_update(ema, model, decay)  # noqa: E731
     return train_epoch(
         model, opt, sched, data, loss, epoch=epoch, seed=student_seed(cfg), batch_size=rl.batch_size, aug=rl.augment,
-        cutmix=rl.cutmix, rank=rank, world=world, channels_last=cfg.channels_last, bf16=rl.bf16,
+        cutmix=rl.cutmix, rank=rank, world=world, channels_last=cfg.channels_last, bf16=rl.bf16, on_step=on_step,
     )
 
 
@@ -93,8 +124,10 @@ def train_student(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     loss: LossFn | None = None,
 ) -> nn.Module:
-    """Train a fresh student in-process; checkpoints to work_dir/last.pt every few epochs and resumes from it."""
+    """Train a fresh student in-process; checkpoints to work_dir/last.pt every few epochs and resumes from it.
+    Returns the student, or its weight average when relabel.ema_decay is set."""
     student = build_student(cfg, data, device)
+    ema = build_ema(cfg, data, device)
     opt, sched = make_optimizer(cfg, student, len(data))
     ckpt = work_dir / "last.pt"
     key = cfg.hash("seed", "relabel") + str(len(data))
@@ -103,6 +136,8 @@ def train_student(
         state = load_checkpoint(ckpt)
         if state.get("key") == key:
             student.load_state_dict(state["model"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start = int(state["epoch"]) + 1
@@ -110,9 +145,10 @@ def train_student(
     loss = loss or student_loss(cfg, data, teacher)
     every = max(1, cfg.relabel.epochs // 10)
     for epoch in range(start, cfg.relabel.epochs):
-        metrics = relabel_epoch(cfg, student, opt, sched, data, loss, epoch)
+        metrics = relabel_epoch(cfg, student, opt, sched, data, loss, epoch, ema=ema)
         if (epoch + 1) % every == 0 or epoch == cfg.relabel.epochs - 1:
-            save_checkpoint(ckpt, model=student.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, key=key)
+            extra = {"ema": ema.state_dict()} if ema is not None else {}
+            save_checkpoint(ckpt, model=student.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, key=key, **extra)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-    return student
+    return student if ema is None else ema

@@ -61,18 +61,22 @@ def steps_per_epoch(n_items: int, batch_size: int, world: int = 1) -> int:
     return max(1, math.ceil(max(1, n_items // world) / batch_size))
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step multiplier: cosine to zero, or one-cycle (30% linear warm-up, then cosine)."""
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, stretch: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multiplier: cosine to zero, or one-cycle (30% linear warm-up, then cosine).
+
+    `stretch` > 1 is EDC's smoothed schedule (arXiv 2404.13733, its scripts' --st 2): the cosine is laid over
+    stretch x the steps and training stops early on it, at 0.5 * (1 + cos(pi / stretch)) instead of zero.
+    """
     total = max(1, total_steps)
 
     def cosine(step: int) -> float:
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / (total * stretch)))
 
     def onecycle(step: int) -> float:
         warm = max(1, int(0.3 * total))
         if step < warm:
             return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(1, total - warm)))
+        return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / (max(1, total - warm) * stretch)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine if kind == "cosine" else onecycle)
 
