@@ -152,7 +152,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
     from sre2l_ray.pipeline import load_teacher, synthetic_store
     from sre2l_ray.runtime import resolve_device, set_threads
     from sre2l_ray.stages.evaluate import evaluate
-    from sre2l_ray.stages.relabel import build_student, make_optimizer, relabel_epoch, student_loss
+    from sre2l_ray.stages.relabel import build_ema, build_student, make_optimizer, relabel_epoch, student_loss
 
     trial_id = tune.get_context().get_trial_id()
     work = Path(root) / "trials" / trial_id
@@ -168,6 +168,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
     val = load_split(cfg.data, train=False)
     teacher = load_teacher(stage, device)
     student = build_student(cfg, data, device)
+    ema = build_ema(cfg, data, device)  # relabel.ema_decay: the weight average is what gets scored
     opt, sched = make_optimizer(cfg, student, len(data))
     loss = student_loss(cfg, data, teacher)
 
@@ -175,17 +176,20 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
     ckpt, key, start = work / "student.pt", cfg.hash(), 0
     if ckpt.is_file() and (state := load_checkpoint(ckpt)).get("key") == key:
         student.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["epoch"]) + 1
     epochs = cfg.relabel.epochs
     every = cfg.tune.eval_every or max(1, epochs // 10)
     for epoch in range(start, epochs):
-        train_m = relabel_epoch(cfg, student, opt, sched, data, loss, epoch)
+        train_m = relabel_epoch(cfg, student, opt, sched, data, loss, epoch, ema=ema)
         if (epoch + 1) % every and epoch + 1 != epochs:
             continue
-        val_m = evaluate(student, val, cfg.evaluate.batch_size, cfg.channels_last)
-        save_checkpoint(ckpt, model=student.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, key=key)
+        val_m = evaluate(student if ema is None else ema, val, cfg.evaluate.batch_size, cfg.channels_last)
+        extra = {"ema": ema.state_dict()} if ema is not None else {}
+        save_checkpoint(ckpt, model=student.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, key=key, **extra)
         metrics = {"epoch": epoch + 1, **train_m, **{f"val_{k}": v for k, v in val_m.items()}}
         atomic_write_json(work / "metrics.json", metrics)
         tune.report(metrics)
