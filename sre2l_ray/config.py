@@ -89,6 +89,9 @@ class SqueezeConfig(_Group):
     augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0))
     checkpoint: str | None = None
     """Use this teacher state dict instead of training one (weights_only load)."""
+    keep_epochs: list[int] = Field(default_factory=list)
+    """Also keep the teacher's weights after these epochs (1 = after the first) as squeeze/teacher-e<N>.pt, for
+    relabel.teacher_epoch."""
 
 
 class SelectConfig(_Group):
@@ -188,6 +191,9 @@ class RelabelConfig(_Group):
     """torch.compile student and teacher (opt-in; the first epoch pays the compile)."""
     bf16: bool = False
     """bf16 autocast of the student and teacher forwards on CUDA."""
+    teacher_epoch: int | None = Field(None, ge=1)
+    """Soft labels from the teacher kept after this squeeze epoch (squeeze.keep_epochs) instead of the final one: an
+    early-stopped teacher can label better at low IPC (Qin et al., arXiv 2406.10485). Recovery uses the final teacher."""
     # Student-side recipe knobs (EDC, arXiv 2404.13733); they apply alike to the condensed set and the real baselines.
     ema_decay: float | None = Field(None, gt=0, lt=1)
     """Train-step decay of an exponential moving average of the student's weights, returned as the trained model;
@@ -279,6 +285,15 @@ class Config(_Group):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _teacher_epoch_kept(self) -> Config:
+        te, sq = self.relabel.teacher_epoch, self.squeeze
+        if any(not 1 <= e <= sq.epochs for e in sq.keep_epochs):
+            raise ValueError(f"squeeze.keep_epochs must lie in 1..squeeze.epochs ({sq.epochs}), got {sq.keep_epochs}")
+        if te is not None and te not in sq.keep_epochs and te != sq.epochs:
+            raise ValueError(f"relabel.teacher_epoch {te} is not kept; add it to squeeze.keep_epochs (now {sq.keep_epochs})")
+        return self
 
     @model_validator(mode="after")
     def _device_known(self) -> Config:

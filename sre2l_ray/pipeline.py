@@ -83,9 +83,14 @@ def teacher_path(cfg: Config) -> Path:
     return out_dir(cfg) / "teacher.pt"
 
 
-def load_teacher(cfg: Config, device: torch.device, path: Path | None = None) -> nn.Module:
-    """Rebuild the teacher from teacher.pt (its own saved model config) and freeze it."""
-    state = load_checkpoint(path or teacher_path(cfg))
+def load_teacher(cfg: Config, device: torch.device, path: Path | None = None, labels: bool = False) -> nn.Module:
+    """Rebuild the teacher from teacher.pt (its own saved model config) and freeze it. `labels`: the teacher that gives
+    soft labels, i.e. with relabel.teacher_epoch the weights kept after that epoch (squeeze/teacher-e<N>.pt beside it)."""
+    path = path or teacher_path(cfg)
+    state = load_checkpoint(path)
+    epoch = cfg.relabel.teacher_epoch
+    if labels and epoch is not None and epoch != cfg.squeeze.epochs:
+        state["model"] = load_checkpoint(kept_teacher_path(path.parent, epoch))["model"]
     m = state["model_config"]
     model = create_model(m["name"], int(state["num_classes"]), int(state["channels"]), int(state["size"]), depth=m["depth"], width=m["width"])
     model.load_state_dict(state["model"])
@@ -93,6 +98,11 @@ def load_teacher(cfg: Config, device: torch.device, path: Path | None = None) ->
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return freeze(model)
+
+
+def kept_teacher_path(out: Path, epoch: int) -> Path:
+    """Where squeeze keeps the teacher's weights after `epoch` (squeeze.keep_epochs)."""
+    return out / "squeeze" / f"teacher-e{epoch}.pt"
 
 
 def _setup(cfg: Config) -> torch.device:
@@ -136,7 +146,7 @@ def run_squeeze(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]
 
                 model, metrics = fit_teacher(cfg, train, val, on_epoch)
             else:
-                model, metrics = train_teacher(cfg, train, val, device, out_dir(cfg) / "squeeze", on_epoch)
+                model, metrics = train_teacher(cfg, train, val, device, out_dir(cfg) / "squeeze", on_epoch, keep=kept_teacher_path)
         bar.close()
         save_checkpoint(
             path, model=model.state_dict(), model_config=cfg.squeeze.model.model_dump(), num_classes=shape.num_classes,
@@ -323,7 +333,7 @@ def _student(cfg: Config, kind: str, k: int, data: ImageSet, tracker: Tracker, s
 
             student = fit_student(scfg, data, teacher_path(scfg) if soft else None, f"{kind}-{tag}", work, on_epoch)
         else:
-            teacher = load_teacher(scfg, device) if soft else None
+            teacher = load_teacher(scfg, device, labels=True) if soft else None
             loss = None
             if teacher is not None and scfg.relabel.soft_labels == "precomputed":
                 from sre2l_ray.stages.soft_labels import precomputed_student_loss, soft_label_source

@@ -64,9 +64,10 @@ def test_real_init_starts_from_the_picked_training_images(tmp_path: Path) -> Non
 def test_recipe_on_ray_gives_the_in_process_images(recipe: str, tmp_path: Path, ray_local) -> None:
     """Real images travel with each recovery batch to the actors; class statistics by file; EMA students on Ray
     Train: the same PNGs as in-process, students trained and evaluated."""
-    local = _cfg(recipe, tmp_path / "local", "evaluate.baselines=false", "threads=1")  # as each actor: float sums follow the thread count
+    early = ["squeeze.keep_epochs=[1]", "relabel.teacher_epoch=1"]  # an early-stopped labelling teacher, kept by Ray Train too
+    local = _cfg(recipe, tmp_path / "local", "evaluate.baselines=false", "threads=1", *early)  # threads as each actor: float sums follow the thread count
     run_pipeline(local)
-    on_ray = _cfg(recipe, tmp_path / "ray", "evaluate.baselines=false", "threads=1", "ray.enabled=true", "ray.num_actors=2", "ray.cpus_per_actor=0.5")
+    on_ray = _cfg(recipe, tmp_path / "ray", "evaluate.baselines=false", "threads=1", "ray.enabled=true", *early, "ray.num_actors=2", "ray.cpus_per_actor=0.5")
     results = run_pipeline(on_ray)
     for png in sorted((tmp_path / "local" / "synthetic").rglob("*.png")):
         assert png.read_bytes() == (tmp_path / "ray" / png.relative_to(tmp_path / "local")).read_bytes(), png.name
@@ -75,5 +76,24 @@ def test_recipe_on_ray_gives_the_in_process_images(recipe: str, tmp_path: Path, 
         state = torch.load(tmp_path / "ray" / "students" / "condensed" / "seed0" / "model.pt", weights_only=True)["model"]
         last = torch.load(next((tmp_path / "ray" / "ray").glob("relabel-*/checkpoint_*/state.pt")), weights_only=True)
         assert any(not torch.equal(state[k], last["model"][k]) for k in state) and all(torch.equal(state[k], last["ema"][k]) for k in state)
+    kept = [torch.load(tmp_path / side / "squeeze" / "teacher-e1.pt", weights_only=True)["model"] for side in ("local", "ray")]
+    assert all(torch.equal(kept[0][k], kept[1][k]) for k in kept[0])  # Ray Train kept the same epoch-1 teacher
     meta = json.loads((tmp_path / "ray" / "synthetic" / "manifest.json").read_text())
     assert len(meta["shards_done"]) == len(json.loads((tmp_path / "local" / "synthetic" / "manifest.json").read_text())["shards_done"])
+
+
+def test_soft_labels_from_an_early_teacher(tmp_path: Path) -> None:
+    """relabel.teacher_epoch: squeeze keeps the weights after that epoch, and the soft-label teacher has exactly them,
+    while recovery keeps the final teacher."""
+    from sre2l_ray.config import ConfigError
+    from sre2l_ray.pipeline import kept_teacher_path, load_teacher
+
+    with pytest.raises(ConfigError, match="teacher_epoch 1 is not kept; add it to squeeze.keep_epochs"):
+        _cfg("sre2l", tmp_path, "relabel.teacher_epoch=1")
+    cfg = _cfg("sre2l", tmp_path, "squeeze.keep_epochs=[1]", "relabel.teacher_epoch=1", "evaluate.baselines=false")
+    run_pipeline(cfg)
+    kept = torch.load(kept_teacher_path(tmp_path, 1), weights_only=True)["model"]
+    labeller = load_teacher(cfg, torch.device("cpu"), labels=True).state_dict()
+    final = load_teacher(cfg, torch.device("cpu")).state_dict()
+    assert all(torch.equal(labeller[k], kept[k]) for k in kept)
+    assert any(not torch.equal(final[k], kept[k]) for k in kept if kept[k].is_floating_point())

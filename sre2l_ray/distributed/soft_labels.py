@@ -28,7 +28,7 @@ class LabelWorker:
         torch.set_num_threads(threads)
         self.cfg = Config.model_validate(cfg_dict)
         device = resolve_device(self.cfg.device)
-        self.teacher = load_teacher(self.cfg, device, Path(teacher_path))
+        self.teacher = load_teacher(self.cfg, device, Path(teacher_path), labels=True)
         self.data = data.to(device)
         self.store = SoftLabelStore(store_root, spec)
 

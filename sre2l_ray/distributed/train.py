@@ -106,7 +106,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     else:
         from sre2l_ray.pipeline import load_teacher
 
-        teacher = load_teacher(cfg, device, Path(config["teacher"])) if config["teacher"] else None
+        teacher = load_teacher(cfg, device, Path(config["teacher"]), labels=True) if config["teacher"] else None
         loss = relabel.student_loss(cfg, data, teacher)
         if teacher is not None and config.get("soft_labels"):
             loss = _precomputed_loss(cfg, data, teacher, config["soft_labels"], rank, world)
@@ -131,6 +131,11 @@ def _train_loop(config: dict[str, Any]) -> None:
             elif config["val"] is not None:
                 scores = evaluate(net, ray.get(config["val"]), cfg.evaluate.batch_size, cfg.channels_last)
                 metrics.update({f"val_{k}": v for k, v in scores.items()})
+        if kind == "squeeze" and rank == 0 and epoch + 1 in cfg.squeeze.keep_epochs:
+            from sre2l_ray.pipeline import kept_teacher_path
+
+            net = getattr(model, "module", model)
+            save_checkpoint(kept_teacher_path(Path(config["out"]), epoch + 1), model=net.state_dict(), epoch=epoch + 1)
         history.append(metrics)
         if (epoch + 1 - start) % every and epoch != epochs - 1:
             continue
@@ -215,7 +220,7 @@ def run_training(
             # Through the object store once, not pickled into every worker's config.
             "data": ray.put(data) if data is not None else None, "val": ray.put(val) if val is not None else None,
             "teacher": str(teacher.resolve()) if teacher else None, "fault_file": os.environ.get(FAULT_ENV),
-            "soft_labels": soft_labels, "stream": stream,
+            "soft_labels": soft_labels, "stream": stream, "out": str(Path(cfg.output_dir).resolve()),
         },
         datasets=datasets,
         dataset_config=dataset_config,

@@ -149,7 +149,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
     """One trial in a Ray worker: cached teacher + recovered set, then a student reporting val top-1 per epoch."""
     from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
     from sre2l_ray.data.datasets import STATS, load_split
-    from sre2l_ray.pipeline import load_teacher, synthetic_store
+    from sre2l_ray.pipeline import load_teacher, synthetic_store, teacher_path
     from sre2l_ray.runtime import resolve_device, set_threads
     from sre2l_ray.stages.evaluate import evaluate
     from sre2l_ray.stages.relabel import build_ema, build_student, make_optimizer, relabel_epoch, student_loss
@@ -166,7 +166,8 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
     mean, std, _ = STATS[cfg.data.name]
     data = synthetic_store(stage, list(meta["classes"])).as_image_set(mean, std).to(device)
     val = load_split(cfg.data, train=False)
-    teacher = load_teacher(stage, device)
+    # From the teacher's own folder, where squeeze.keep_epochs' weights lie too (relabel.teacher_epoch).
+    teacher = load_teacher(cfg, device, teacher_path(cached_teacher(cfg, Path(root))), labels=True)
     student = build_student(cfg, data, device)
     ema = build_ema(cfg, data, device)  # relabel.ema_decay: the weight average is what gets scored
     opt, sched = make_optimizer(cfg, student, len(data))

@@ -254,4 +254,4 @@ def storage_report(store: SoftLabelStore, epochs: int) -> dict[str, Any]:
 def soft_label_source(cfg: Config, name: str) -> str:
     """What a student's precomputed soft labels are keyed by: the teacher and images (config hash) and the student
     (`name`: its kind and evaluation seed, whose images may differ, e.g. a redrawn random subset)."""
-    return cfg.hash("seed", "data", "squeeze", "recover") + name
+    return cfg.hash("seed", "data", "squeeze", "recover") + name + f"-te{cfg.relabel.teacher_epoch or cfg.squeeze.epochs}"

@@ -57,8 +57,10 @@ def train_teacher(
     device: torch.device,
     work_dir: Path,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    keep: Callable[[Path, int], Path] | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
-    """Train in-process, checkpointing each epoch to work_dir/last.pt and resuming from it."""
+    """Train in-process, checkpointing each epoch to work_dir/last.pt and resuming from it; after each epoch in
+    squeeze.keep_epochs the weights are also kept at keep(work_dir.parent, epoch)."""
     model = build_model(cfg.squeeze.model, train, device, cfg.channels_last, seed=cfg.seed)
     opt, sched = make_optimizer(cfg, model, len(train))
     ckpt = work_dir / "last.pt"
@@ -80,6 +82,8 @@ def train_teacher(
             ckpt, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch,
             config_hash=cfg.hash("seed", "data", "squeeze"), metrics=metrics,
         )
+        if keep is not None and epoch + 1 in cfg.squeeze.keep_epochs:
+            save_checkpoint(keep(work_dir.parent, epoch + 1), model=model.state_dict(), epoch=epoch + 1)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     return model, metrics
