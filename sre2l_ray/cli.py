@@ -14,7 +14,9 @@ from sre2l_ray.config import Config, ConfigError, load_config, to_yaml
 def parse_config_args(args: list[str], config: str | None = None) -> Config:
     """`[CONFIG.yaml] [key=value ...]` (or --config CONFIG) -> validated Config."""
     rest = list(args)
-    if config is None and rest and rest[0].endswith((".yaml", ".yml")):
+    # The first word is the recipe when it looks like one, or names an existing file or folder rather than key=value
+    # (a folder is then refused in one line by load_config, instead of reading as a malformed override).
+    if config is None and rest and (rest[0].endswith((".yaml", ".yml")) or ("=" not in rest[0] and os.path.exists(rest[0]))):
         config = rest.pop(0)
     return load_config(config, rest)
 

@@ -50,11 +50,27 @@ def _image_folder(root: Path, per_class: int, classes: tuple[str, ...] = ("cat",
         ("recover.ipc=ten", "'recover.ipc': Input should be a valid integer"),
         ("data.name=imagenet", "'data.name'"),
         ("ray.address", "not key=value"),
+        # Issue 13: values pydantic's lax mode took silently (inf divides every logit, true became ipc 1, size 0 meant
+        # the native size), and a device check whose message quoted the whole config dict.
+        ("relabel.temperature=inf", "'relabel.temperature': Input should be a finite number (got 'inf'); write a finite number"),
+        ("recover.ipc=true", "'recover.ipc': Input should be a valid integer (got True); write a whole number"),
+        ("relabel.temperature=true", "'relabel.temperature': expected a number, not true/false"),
+        ("data.image_size=0", "'data.image_size': Input should be greater than or equal to 1 (got 0)"),
+        ("device=tpu", "config key 'device': device must be auto, cpu, cuda or cuda:N (got 'tpu')"),
     ],
 )
 def test_config_values_fail_in_one_line(capsys, tmp_path: Path, override: str, expect: str) -> None:
-    assert expect in _fail(capsys, f"output_dir={tmp_path}", override)
+    err = _fail(capsys, f"output_dir={tmp_path}", override)
+    assert expect in err and len(err) < 200, err
     assert not any(tmp_path.iterdir()), "nothing written for a refused config"
+
+
+def test_config_path_that_is_a_directory(capsys, tmp_path: Path) -> None:
+    """A folder where the recipe goes read as "override '...' is not key=value" (positional) or "not found" (--config)."""
+    for args in ([str(tmp_path)], ["--config", str(tmp_path)]):
+        assert cli.main(["pipeline", *args, "tracking.enabled=false"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"sre2l: error: config '{tmp_path}' is a directory; pass a YAML file, e.g. configs/tiny.yaml"]
 
 
 def test_missing_or_empty_dataset_folder(capsys, tmp_path: Path) -> None:
