@@ -7,6 +7,8 @@ files (test_datasets.py), unknown/mistyped config keys (test_config.py, test_pip
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from torchvision.io import encode_png
 from sre2l_ray import cli
 from sre2l_ray.models import create_model
 
-from conftest import ROOT
+from conftest import ROOT, bomb_png
 
 TINY = str(ROOT / "configs/tiny.yaml")
 
@@ -71,6 +73,43 @@ def test_config_path_that_is_a_directory(capsys, tmp_path: Path) -> None:
         assert cli.main(["pipeline", *args, "tracking.enabled=false"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"sre2l: error: config '{tmp_path}' is a directory; pass a YAML file, e.g. configs/tiny.yaml"]
+
+
+def test_decompression_bomb_png_is_refused_as_corrupt(capsys, tmp_path: Path) -> None:
+    """A ~70-byte PNG whose header claims 50000 x 50000 pixels killed the pipeline with SIGSEGV (exit 139, libpng
+    "Not enough image data", no file named): now one line naming the file, before any decoder allocates. A
+    subprocess, since without the check the crash takes the test process with it."""
+    data = tmp_path / "data"
+    _image_folder(data, 3)
+    (data / "train" / "dog" / "bomb.png").write_bytes(bomb_png())
+    args = [f"data.root={data}", "data.name=imagefolder", "data.image_size=12", f"output_dir={tmp_path / 'out'}",
+            "tracking.enabled=false", "ray.enabled=false", "recover.ipc=1", "data.train_limit=null", "data.val_limit=null"]
+    proc = subprocess.run([sys.executable, "-m", "sre2l_ray.cli", "pipeline", TINY, *args], capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, lines[-3:])
+    assert lines[-1].startswith(f"sre2l: error: corrupt image '{data / 'train' / 'dog' / 'bomb.png'}': its header claims over")
+    assert lines[-1].endswith("delete or replace it (or raise data.max_image_pixels)")
+    # The limit is data.max_image_pixels: below 12 x 12, the ordinary images are refused the same way.
+    (data / "train" / "dog" / "bomb.png").unlink()
+    err = _fail(capsys, *args, "data.max_image_pixels=100", command="squeeze")
+    assert "its header claims 12 x 12 pixels, more than the limit of 100" in err
+
+
+def test_shard_into_a_file_fails_before_ray_starts(capsys, tmp_path: Path, monkeypatch) -> None:
+    """`sre2l shard SRC DST` with DST a file started Ray, then failed calling DST "output_dir"."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("this process already joined a Ray cluster")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _image_folder(tmp_path / "src", 1)
+    dst = tmp_path / "shards"
+    dst.write_text("a file, not a folder\n")
+    t0 = time.perf_counter()
+    assert cli.main(["shard", str(tmp_path / "src"), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sre2l: error: shard destination '{dst}' is a file, not a folder; pass a folder path (created when missing)"]
+    assert not ray.is_initialized() and time.perf_counter() - t0 < 5
 
 
 def test_missing_or_empty_dataset_folder(capsys, tmp_path: Path) -> None:
