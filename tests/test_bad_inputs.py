@@ -7,6 +7,7 @@ files (test_datasets.py), unknown/mistyped config keys (test_config.py, test_pip
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -93,6 +94,33 @@ def test_decompression_bomb_png_is_refused_as_corrupt(capsys, tmp_path: Path) ->
     (data / "train" / "dog" / "bomb.png").unlink()
     err = _fail(capsys, *args, "data.max_image_pixels=100", command="squeeze")
     assert "its header claims 12 x 12 pixels, more than the limit of 100" in err
+
+
+def test_sqlite_tracking_store_that_is_a_folder_fails_at_once(capsys, tmp_path: Path) -> None:
+    """mlflow retried a folder as a database for 108 s, with 36 warnings, before failing."""
+    t0 = time.perf_counter()
+    err = _fail(capsys, f"output_dir={tmp_path / 'out'}", "tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}", command="squeeze")
+    assert f"tracking store 'sqlite:///{tmp_path}' is the folder '{tmp_path}', not a database file" in err
+    assert f"e.g. sqlite:///{tmp_path}/mlflow.db" in err and time.perf_counter() - t0 < 20
+    assert not (tmp_path / "out" / "teacher.pt").exists()
+
+
+def test_compare_on_what_is_no_mlflow_store(capsys, tmp_path: Path) -> None:
+    """A text file printed a 78-line SQLAlchemy traceback; a missing path became a new 950 KB database; a foreign
+    SQLite database would have been given MLflow's tables. Each is now one line, and nothing is written."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    err = _fail(capsys, f"tracking.uri=sqlite:///{notes}", command="compare")
+    assert f"'{notes}' is not an SQLite database, so not an MLflow store" in err
+    missing = tmp_path / "missing.db"
+    err = _fail(capsys, f"tracking.uri=sqlite:///{missing}", command="compare")
+    assert f"no MLflow store at '{missing}'; fix --uri or tracking.uri" in err and not missing.exists()
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE notes (x TEXT)")
+    before = foreign.read_bytes()
+    err = _fail(capsys, f"tracking.uri=sqlite:///{foreign}", command="compare")
+    assert "is an SQLite database but not an MLflow store (no experiments table)" in err and foreign.read_bytes() == before
 
 
 def test_shard_into_a_file_fails_before_ray_starts(capsys, tmp_path: Path, monkeypatch) -> None:
