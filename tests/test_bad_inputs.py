@@ -181,12 +181,15 @@ def test_unknown_model(capsys, tmp_path: Path) -> None:
     assert "unknown model 'vgg11'; choose one of" in _fail(capsys, f"output_dir={tmp_path}", "squeeze.model.name=vgg11", command="squeeze")
 
 
-@pytest.mark.parametrize("kind", ["classes", "arch", "garbage"])
+@pytest.mark.parametrize("kind", ["classes", "size", "arch", "garbage"])
 def test_teacher_checkpoint_that_does_not_fit(capsys, tmp_path: Path, kind: str) -> None:
     path = tmp_path / "teacher.pt"
     if kind == "classes":  # the tiny teacher's architecture, 5 classes instead of Fashion-MNIST's 10
         torch.save(create_model("convnet", 5, 1, 28, depth=2, width=8).state_dict(), path)
-        expect = "do not fit model 'convnet' with 10 classes"
+        expect = "do not fit model 'convnet' with 10 classes: they hold 5 classes"
+    elif kind == "size":  # right classes, trained at 32 px: this used to blame the class count and name model.weights
+        torch.save(create_model("convnet", 10, 1, 32, depth=2, width=8).state_dict(), path)
+        expect = "do not fit model 'convnet' at 28 px: the classifier 'classifier.weight' takes 512 features, the model at 28 px 392, so they were trained at another image size; set data.image_size"
     elif kind == "arch":
         torch.save(create_model("tiny_bn", 10, 1, 28).state_dict(), path)
         expect = "do not fit model 'convnet'"
@@ -195,6 +198,8 @@ def test_teacher_checkpoint_that_does_not_fit(capsys, tmp_path: Path, kind: str)
         expect = "not a plain state dict"
     err = _fail(capsys, f"output_dir={tmp_path / 'out'}", f"squeeze.checkpoint={path}", command="squeeze")
     assert expect in err and "teacher.pt" not in {p.name for p in (tmp_path / "out").glob("*")}
+    if kind == "size":
+        assert "classes" not in err and "model.weights" not in err
 
 
 @pytest.mark.parametrize("address, expect", [("127.0.0.1:1", "is unreachable"), ("nonsense", "is not host:port")])
