@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable
 
-from sre2l_ray.config import Config, ConfigError, load_config, to_yaml
+from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS, Config, ConfigError, load_config, to_yaml
 
 
 def parse_config_args(args: list[str], config: str | None = None) -> Config:
@@ -16,7 +16,9 @@ def parse_config_args(args: list[str], config: str | None = None) -> Config:
     earlier ones (a dataset config, then a recipe: `configs/fashion_mnist.yaml configs/recipes/rded.yaml`)."""
     rest = list(args)
     configs = [config] if config is not None else []
-    while rest and rest[0].endswith((".yaml", ".yml")):
+    # Leading words are recipes when they look like one, or name an existing file or folder rather than key=value
+    # (a folder is then refused in one line by load_config, instead of reading as a malformed override).
+    while rest and (rest[0].endswith((".yaml", ".yml")) or ("=" not in rest[0] and os.path.exists(rest[0]))):
         configs.append(rest.pop(0))
     return load_config(configs or None, rest)
 
@@ -76,10 +78,16 @@ def _compare(cfg: Config, ns: argparse.Namespace) -> int:
 COMMANDS["tune"] = (_tune, "Ray Tune search over crop scale, temperature and tune.space; writes <output_dir>/tune/best.yaml")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _shard(ns: argparse.Namespace) -> int:
     from sre2l_ray.distributed.shard import shard_on_ray
 
-    out = shard_on_ray(ns.src, ns.dst, ns.shard_mb, ns.strict, ns.address)
+    out = shard_on_ray(ns.src, ns.dst, ns.shard_mb, ns.strict, ns.address, max_pixels=ns.max_image_pixels)
     counts = {k: v["count"] for k, v in out["manifest"]["splits"].items()}
     print(f"shards: {out['written']} written, {out['reused']} already done; images {counts}; manifest {ns.dst}/manifest.json")
     if out["skipped"]:
@@ -114,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-mb", type=float, default=256, help="source bytes per shard (default 256)")
     p.add_argument("--strict", action="store_true", help="fail on corrupt images instead of skipping and reporting them")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--max-image-pixels", type=_positive_int, default=PIL_MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"images whose header claims more pixels count as corrupt (default {PIL_MAX_IMAGE_PIXELS}, Pillow's)")
     # Overrides may follow options (`config show --config X a.b=1`): collect stray key=value words as overrides.
     ns, stray = parser.parse_known_args(argv)
     unknown = [w for w in stray if "=" not in w or w.startswith("-")]

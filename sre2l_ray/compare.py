@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from sre2l_ray.tracking import TrackingError, check_tracking_uri, configure_mlflow_env
+from sre2l_ray.tracking import TrackingError, check_store, configure_mlflow_env
 
 RESULT_METRICS = {"pipeline": "condensed_top1", "tune_trial": "val_top1"}
 """Result runs by their `stage` tag, and the metric holding their headline top-1 (pipelines: the condensed set's
@@ -52,14 +52,18 @@ def _value(raw: str | None) -> Any:
 def load_runs(uri: str, experiment: str, filter_string: str = "", max_results: int = 5000) -> list[dict[str, Any]]:
     """Result runs of `experiment` matching `filter_string`, oldest first, as flat dicts."""
     configure_mlflow_env()
-    check_tracking_uri(uri)
+    check_store(uri, must_exist=True)  # a reader never creates a store, nor waits out retries on a folder
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        names = (", ".join(e.name for e in client.search_experiments()) or "none") if exp is None else ""
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy and store errors of every kind: one line, not a traceback
+        raise TrackingError(f"MLflow store '{uri}' is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                            "fix --uri or tracking.uri") from None
     if exp is None:
-        names = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise TrackingError(f"no MLflow experiment '{experiment}' in '{uri}' (it has: {names}); pass --experiment")
     try:
         runs = client.search_runs([exp.experiment_id], filter_string, max_results=max_results, order_by=["attributes.start_time ASC"])

@@ -10,18 +10,33 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A config problem, phrased as one line that names the fix."""
 
 
+def _no_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("expected a number, not true/false")
+    return v
+
+
+# Counts and seeds are StrictInt: pydantic's lax mode would take `recover.ipc=true` as 1 and `10.0` as 10. YAML and
+# JSON ints still pass. Floats stay lax (PyYAML reads `1e-3`, without a dot, as a string) but refuse booleans, and
+# `allow_inf_nan=False` below refuses inf and nan (`relabel.temperature=inf` made every soft label uniform).
+Real = Annotated[float, BeforeValidator(_no_bool)]
+
+PIL_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
+"""Pillow's default MAX_IMAGE_PIXELS (~89.5 M): the default image-size limit before decoding."""
+
+
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Group):
@@ -31,33 +46,36 @@ class DataConfig(_Group):
     """Folder holding the dataset (torchvision layout, or the ImageFolder root)."""
     train_dir: str = "train"
     val_dir: str = "val"
-    image_size: int | None = None
+    image_size: StrictInt | None = Field(None, ge=1)
     """Side in pixels fed to the models; None takes the dataset's native size (28 for Fashion-MNIST)."""
+    max_image_pixels: StrictInt = Field(PIL_MAX_IMAGE_PIXELS, ge=1)
+    """Largest width x height an encoded image may claim in its header; larger ones are refused as corrupt before
+    decoding (a 274-byte PNG can claim 50000 x 50000 and crash the decoder). Pillow's default."""
     download: bool = True
     """Let torchvision download when the files are missing (needs internet)."""
-    num_workers: int = Field(0, ge=0)
+    num_workers: StrictInt = Field(0, ge=0)
     """DataLoader workers for folder datasets; tensors-in-memory datasets ignore it."""
-    val_limit: int | None = Field(None, ge=1)
+    val_limit: StrictInt | None = Field(None, ge=1)
     """Evaluate on only the first N validation images (quick checks); None = the whole split."""
-    train_limit: int | None = Field(None, ge=1)
+    train_limit: StrictInt | None = Field(None, ge=1)
     """Train the teacher on a seeded stratified subset of N images (tests); None = the whole split."""
 
 
 class ModelConfig(_Group):
     name: str = "convnet"
     """Registry name: convnet, resnet18, resnet50 (small stem for <= 64 px), tv_resnet18, tv_resnet50, tiny_bn."""
-    depth: int = Field(3, ge=1, le=6)
+    depth: StrictInt = Field(3, ge=1, le=6)
     """ConvNet conv/pool blocks."""
-    width: int = Field(128, ge=1)
+    width: StrictInt = Field(128, ge=1)
     """ConvNet channels."""
     weights: str | None = None
     """torchvision weights name (e.g. IMAGENET1K_V1) or a local state-dict file loaded with weights_only=True."""
 
 
 class AugmentConfig(_Group):
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: tuple[Real, Real] = (0.08, 1.0)
     """RandomResizedCrop area fraction (lower, upper), each in (0, 1]."""
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_ratio: tuple[Real, Real] = (3 / 4, 4 / 3)
     flip: bool = True
 
     @field_validator("crop_scale")
@@ -78,18 +96,18 @@ class AugmentConfig(_Group):
 
 class SqueezeConfig(_Group):
     model: ModelConfig = ModelConfig()
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    epochs: StrictInt = Field(10, ge=1)
+    batch_size: StrictInt = Field(256, ge=1)
+    lr: Real = Field(0.1, gt=0)
+    momentum: Real = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: Real = Field(5e-4, ge=0)
     schedule: Literal["cosine", "onecycle"] = "cosine"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: Real = Field(0.0, ge=0, lt=1)
     augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0))
     checkpoint: str | None = None
     """Use this teacher state dict instead of training one (weights_only load)."""
-    keep_epochs: list[int] = Field(default_factory=list)
+    keep_epochs: list[StrictInt] = Field(default_factory=list)
     """Also keep the teacher's weights after these epochs (1 = after the first) as squeeze/teacher-e<N>.pt, for
     relabel.teacher_epoch."""
 
@@ -99,15 +117,15 @@ class SelectConfig(_Group):
 
     factor: Literal[1, 2] = 2
     """Patches per image side: factor x factor selected crops, each downsampled by factor, tile one image."""
-    candidates: int = Field(300, ge=1)
+    candidates: StrictInt = Field(300, ge=1)
     """Real images per class considered (RDED's mipc); each contributes at most one patch."""
-    crops: int = Field(5, ge=1)
+    crops: StrictInt = Field(5, ge=1)
     """Random crops scored per candidate (RDED's num_crop); the candidate keeps its lowest-CE one."""
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: tuple[Real, Real] = (0.08, 1.0)
     """Candidate crops' area fraction (lower, upper) (RDED: torchvision's default, 0.08-1)."""
-    crop_ratio: tuple[float, float] = (1.0, 1.0)
+    crop_ratio: tuple[Real, Real] = (1.0, 1.0)
     """Candidate crops' aspect ratio range (RDED: square patches)."""
-    batch_size: int = Field(256, ge=1)
+    batch_size: StrictInt = Field(256, ge=1)
     """Crops scored per teacher forward (memory only; the selection does not depend on it)."""
 
     @field_validator("crop_scale")
@@ -126,20 +144,20 @@ class SelectConfig(_Group):
 
 
 class RecoverConfig(_Group):
-    ipc: int = Field(10, ge=1)
+    ipc: StrictInt = Field(10, ge=1)
     """Synthetic images per class."""
-    iterations: int = Field(1000, ge=1)
-    lr: float = Field(0.25, gt=0)
-    betas: tuple[float, float] = (0.5, 0.9)
-    r_bn: float = Field(0.01, ge=0)
+    iterations: StrictInt = Field(1000, ge=1)
+    lr: Real = Field(0.25, gt=0)
+    betas: tuple[Real, Real] = (0.5, 0.9)
+    r_bn: Real = Field(0.01, ge=0)
     """Weight of the BN-statistics term against cross-entropy."""
-    first_bn_multiplier: float = Field(10.0, ge=0)
-    jitter: int = Field(4, ge=0)
+    first_bn_multiplier: Real = Field(10.0, ge=0)
+    jitter: StrictInt = Field(4, ge=0)
     """Max random shift (pixels, each axis, wrapping) per step."""
     augment: AugmentConfig = AugmentConfig()
-    classes_per_batch: int | None = Field(None, ge=1)
+    classes_per_batch: StrictInt | None = Field(None, ge=1)
     """Classes that share one BN-matching batch; None = all classes, as in the paper."""
-    ipc_per_batch: int = Field(1, ge=1)
+    ipc_per_batch: StrictInt = Field(1, ge=1)
     """IPC indices per BN-matching batch; batch size = classes_per_batch * ipc_per_batch."""
     compile: bool = False
     """torch.compile the teacher for the recovery loop (opt-in)."""
@@ -148,11 +166,11 @@ class RecoverConfig(_Group):
     # Recipe knobs of SRe2L's successors (issue #14, recipes as data); the defaults are plain SRe2L.
     crop_schedule: Literal["none", "step", "linear", "cosine"] = "none"
     """CDA (arXiv 2311.18838) crop curriculum: the crop's lower scale bound anneals from the upper one to augment.crop_scale[0]."""
-    crop_milestone: float = Field(1.0, gt=0, le=1)
+    crop_milestone: Real = Field(1.0, gt=0, le=1)
     """Fraction of the iterations at which the crop curriculum reaches augment.crop_scale[0] (CDA's scripts: 1.0)."""
     init: Literal["noise", "real"] = "noise"
     """Start images: Gaussian noise (SRe2L) or a seeded real training image of the class (EDC, arXiv 2404.13733)."""
-    class_stats_weight: float = Field(0.0, ge=0, le=1)
+    class_stats_weight: Real = Field(0.0, ge=0, le=1)
     """EDC soft category-aware matching alpha: weight of per-class BN statistics against the global ones (EDC: 0.5)."""
     method: Literal["optimise", "select"] = "optimise"
     """optimise images (SRe2L) or select real patches scored by the teacher, no optimisation (RDED)."""
@@ -173,44 +191,44 @@ class RecoverConfig(_Group):
 class RelabelConfig(_Group):
     model: ModelConfig = ModelConfig()
     """Student architecture, independent of the teacher's."""
-    epochs: int = Field(300, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    temperature: float = Field(4.0, gt=0)
+    epochs: StrictInt = Field(300, ge=1)
+    batch_size: StrictInt = Field(64, ge=1)
+    lr: Real = Field(1e-3, gt=0)
+    weight_decay: Real = Field(0.01, ge=0)
+    temperature: Real = Field(4.0, gt=0)
     augment: AugmentConfig = AugmentConfig()
-    seed: int | None = None
+    seed: StrictInt | None = None
     """Seed of the student's init and view order; None = the top-level seed. Setting it retrains only the students
     (teacher and recovered set are keyed by the top-level seed), e.g. to measure seed-to-seed spread."""
-    cutmix: float = Field(0.0, ge=0, le=1)
+    cutmix: Real = Field(0.0, ge=0, le=1)
     """Probability of applying CutMix to a batch (0 disables)."""
     soft_labels: Literal["online", "precomputed"] = "online"
-    topk: int | None = Field(10, ge=1)
+    topk: StrictInt | None = Field(10, ge=1)
     """Precomputed labels: keep the teacher's top-k logits (None = full outputs)."""
     compile: bool = False
     """torch.compile student and teacher (opt-in; the first epoch pays the compile)."""
     bf16: bool = False
     """bf16 autocast of the student and teacher forwards on CUDA."""
-    teacher_epoch: int | None = Field(None, ge=1)
+    teacher_epoch: StrictInt | None = Field(None, ge=1)
     """Soft labels from the teacher kept after this squeeze epoch (squeeze.keep_epochs) instead of the final one: an
     early-stopped teacher can label better at low IPC (Qin et al., arXiv 2406.10485). Recovery uses the final teacher."""
     # Student-side recipe knobs (EDC, arXiv 2404.13733); they apply alike to the condensed set and the real baselines.
-    ema_decay: float | None = Field(None, gt=0, lt=1)
+    ema_decay: Real | None = Field(None, gt=0, lt=1)
     """Train-step decay of an exponential moving average of the student's weights, returned as the trained model;
     None = the last weights (EDC: 0.99-0.999)."""
-    schedule_stretch: float = Field(1.0, ge=1)
+    schedule_stretch: Real = Field(1.0, ge=1)
     """EDC's smoothed cosine: the cosine spans stretch x the training steps, so lr ends at 0.5*(1+cos(pi/stretch)) of its peak (EDC: 2)."""
 
 
 class EvaluateConfig(_Group):
-    batch_size: int = Field(500, ge=1)
+    batch_size: StrictInt = Field(500, ge=1)
     baselines: bool = True
     """Also train, per seed, students on a random real subset of the same IPC (soft and hard labels) and a hard-label
     student on the condensed set, for IOR and HLR (DD-Ranking)."""
-    seeds: int = Field(1, ge=1)
+    seeds: StrictInt = Field(1, ge=1)
     """Evaluation seeds: each trains every student anew (student seed relabel.seed + k) and draws a new random real
     subset (seed + k); results report mean +- std. Benchmarks use >= 3."""
-    lr_grid: list[float] = Field(default_factory=list)
+    lr_grid: list[Real] = Field(default_factory=list)
     """Optional student learning rates to search, separately for each student kind, on seed 0 (DD-Ranking searches
     {1e-3, 5e-3, 1e-2, 5e-2, 0.1}); the best (val top-1) is then used for every seed. Empty = relabel.lr."""
 
@@ -226,6 +244,9 @@ class TrackingConfig(_Group):
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "sre2l"
+    artifact_root: str | None = None
+    """Folder (or URI) for the artifacts of experiments this creates; None = beside a sqlite store
+    (<folder of the .db>/mlartifacts), the server's own for http(s) stores. An existing experiment keeps its own."""
 
 
 class RayConfig(_Group):
@@ -233,19 +254,19 @@ class RayConfig(_Group):
     """Run stages through Ray (Train for training, actors for recovery); False runs the cores in-process."""
     address: str | None = None
     """Cluster address; None starts or joins a local Ray (`ray.init()`)."""
-    num_workers: int = Field(1, ge=1)
+    num_workers: StrictInt = Field(1, ge=1)
     """Ray Train workers (DDP) for squeeze and relabel."""
-    cpus_per_worker: float = Field(0.5, gt=0)
-    num_actors: int = Field(1, ge=1)
+    cpus_per_worker: Real = Field(0.5, gt=0)
+    num_actors: StrictInt = Field(1, ge=1)
     """Recovery actors."""
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: Real = Field(1.0, gt=0)
     use_gpu: bool | None = None
     """None = use GPUs when the cluster has them."""
-    max_failures: int = Field(2, ge=0)
-    checkpoint_every_s: float = Field(10.0, ge=0)
+    max_failures: StrictInt = Field(2, ge=0)
+    checkpoint_every_s: Real = Field(10.0, ge=0)
     """Seconds of training between Ray Train reports (metrics + checkpoint; a resume redoes at most this much);
     0 = every epoch. Epochs longer than this are each reported."""
-    poll_interval_s: float = Field(0.5, gt=0)
+    poll_interval_s: Real = Field(0.5, gt=0)
     """How often the Ray Train controller polls its workers (Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s,
     wins when set): the end of a run and every report wait for the next poll."""
     storage_path: str | None = None
@@ -253,28 +274,28 @@ class RayConfig(_Group):
 
 
 class TuneConfig(_Group):
-    num_samples: int = Field(4, ge=1)
+    num_samples: StrictInt = Field(4, ge=1)
     """Trials (random/optuna); grid search over only `grid`/`choice` keys runs the full grid once."""
     search: Literal["grid", "random", "optuna"] = "random"
     space: dict[str, Any] = Field(default_factory=dict)
     """Dotted config key -> {"choice": [...]} | {"uniform": [lo, hi]} | {"grid": [...]}; empty = crop scale and
     temperature (see distributed/tune.py DEFAULT_SPACE)."""
-    max_concurrent: int | None = Field(None, ge=1)
+    max_concurrent: StrictInt | None = Field(None, ge=1)
     """Trials at once; None = cluster CPUs // cpus_per_trial."""
-    cpus_per_trial: float = Field(1.0, gt=0)
+    cpus_per_trial: Real = Field(1.0, gt=0)
     asha: bool = True
     """ASHA early stopping on relabel epochs (val top-1)."""
-    eval_every: int = Field(0, ge=0)
+    eval_every: StrictInt = Field(0, ge=0)
     """Relabel epochs between a trial's val evaluations (each one an ASHA decision point and a resume point);
     0 = about 10 per trial. Scoring the full val set every epoch can cost more than the student's training."""
 
 
 class Config(_Group):
-    seed: int = 0
+    seed: StrictInt = 0
     output_dir: str = "runs/default"
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
-    threads: int | None = Field(None, ge=1)
+    threads: StrictInt | None = Field(None, ge=1)
     """torch intra-op threads; None = all free cores."""
     channels_last: bool = True
     data: DataConfig = DataConfig()
@@ -295,17 +316,27 @@ class Config(_Group):
             raise ValueError(f"relabel.teacher_epoch {te} is not kept; add it to squeeze.keep_epochs (now {sq.keep_epochs})")
         return self
 
-    @model_validator(mode="after")
-    def _device_known(self) -> Config:
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        return self
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, v: str) -> str:
+        # A field validator, not a model one: the error then quotes the device, not the whole config dict.
+        if not (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v
 
     def hash(self, *sections: str) -> str:
         """Short stable hash of the named sections (all when none), used to tell whether outputs still match."""
         dump = self.model_dump(mode="json")
+        for section, keys in _NOT_HASHED.items():
+            for k in keys:
+                dump[section].pop(k, None)
         part = {k: dump[k] for k in sections} if sections else dump
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Keys that do not change any output (limits and bookkeeping) and came after outputs existed: left out of the hash so
+# adding them does not make every finished teacher and synthetic set look stale.
+_NOT_HASHED = {"data": ("max_image_pixels",), "tracking": ("artifact_root",)}
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -341,7 +372,19 @@ def _format_error(err: ValidationError) -> str:
     msg = e["msg"]
     if isinstance(msg, str) and msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    return f"config key '{loc}': {msg} (got {got!r})"
+    if isinstance(got, dict):  # a check across keys of a section (or of the whole config): its message names them
+        return f"config: {msg}" if not loc else f"config section '{loc}': {msg}"
+    shown = repr(got)
+    if isinstance(got, list) and len(shown) > 80:
+        shown = f"a {type(got).__name__} of {len(got)} items"  # never a whole section in a one-line message
+    return f"config key '{loc}': {msg} (got {shown}){_TYPE_HINTS.get(e['type'], '')}"
+
+
+_TYPE_HINTS = {
+    "int_type": "; write a whole number, e.g. 10",
+    "int_parsing": "; write a whole number, e.g. 10",
+    "finite_number": "; write a finite number",
+}
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -395,6 +438,8 @@ def load_config(path: str | Path | list[str | Path] | None, overrides: list[str]
 
 def _read_yaml(p: Path, depth: int = 0) -> dict[str, Any]:
     """Read a recipe; a top-level `base: other.yaml` (relative to this file) is loaded first and overridden."""
+    if p.is_dir():
+        raise ConfigError(f"config '{p}' is a directory; pass a YAML file, e.g. configs/tiny.yaml")
     if not p.is_file():
         raise ConfigError(f"config file '{p}' not found; pass one of configs/*.yaml")
     try:

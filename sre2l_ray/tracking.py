@@ -2,13 +2,17 @@
 
 Every run also gets `config.yaml` (the resolved config) and, when metrics were logged per step, `curves.png`
 (training curves). The store is `tracking.uri`: `sqlite:///mlflow.db` by default, or any http(s) MLflow server,
-which is probed first so a server that is down fails in seconds with one line instead of minutes of retries.
+which is probed first so a server that is down fails in seconds with one line instead of minutes of retries; a
+sqlite path is checked first too (a folder, or a file that is no database, fails in one line, not after mlflow's
+minutes of retries). Artifacts of experiments created here go beside a sqlite store (<its folder>/mlartifacts/<name>)
+or under `tracking.artifact_root`, not into the working directory, so a run from another directory finds them.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import tempfile
 import urllib.error
 import urllib.request
@@ -59,14 +63,80 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
         ) from None
 
 
-def connect(uri: str, experiment: str):
-    """Point mlflow at `uri` and select `experiment`; returns the mlflow module or raises TrackingError."""
-    configure_mlflow_env()
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:` tracking URI (relative paths stay relative), None for other stores."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        db = make_url(uri).database
+    except Exception:  # noqa: BLE001 - sqlalchemy's ArgumentError for a malformed URL: mlflow reports it
+        return None
+    return Path(db) if db and db != ":memory:" and not db.startswith("file:") else None
+
+
+def check_store(uri: str, must_exist: bool = False) -> None:
+    """Raise TrackingError, in one line naming the fix, when `uri` cannot be an MLflow store: an http(s) server that
+    does not answer, a sqlite path that is a folder or a file that is no SQLite database, and with `must_exist`
+    (readers such as `sre2l compare`, which must not create a store) a missing file or one without MLflow's tables."""
     check_tracking_uri(uri)
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if path.is_dir():
+        raise TrackingError(f"tracking store '{uri}' is the folder '{path}', not a database file; "
+                            f"name a file in it, e.g. sqlite:///{(path / 'mlflow.db').as_posix()}")
+    if not path.exists():
+        if must_exist:
+            raise TrackingError(f"no MLflow store at '{path}'; fix --uri or tracking.uri (a tracked run creates it)")
+        return
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head and head != b"SQLite format 3\x00":
+        raise TrackingError(f"'{path}' is not an SQLite database, so not an MLflow store; point --uri or "
+                            "tracking.uri at an MLflow sqlite file (or a new path for a new store)")
+    if must_exist:
+        try:  # read-only: a reader must never turn a foreign database into an MLflow store
+            with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+                found = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='experiments'").fetchone()
+        except sqlite3.Error as err:
+            raise TrackingError(f"'{path}' is not a readable SQLite database ({err}); fix --uri or tracking.uri") from None
+        if not found:
+            raise TrackingError(f"'{path}' is an SQLite database but not an MLflow store (no experiments table); "
+                                "fix --uri or tracking.uri")
+
+
+def artifact_location(uri: str, experiment: str, artifact_root: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go: `artifact_root`/<name> when set, beside a sqlite store
+    (<folder of the .db>/mlartifacts/<name>) otherwise; None lets the store decide (an http server keeps its own)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).strip("._") or "experiment"
+    if artifact_root:
+        if "://" in artifact_root:
+            return f"{artifact_root.rstrip('/')}/{name}"
+        return (Path(artifact_root).expanduser().resolve() / name).as_uri()
+    path = sqlite_path(uri)
+    return None if path is None else (path.resolve().parent / "mlartifacts" / name).as_uri()
+
+
+def connect(uri: str, experiment: str, artifact_root: str | None = None):
+    """Point mlflow at `uri` and select `experiment` (created with its artifacts at `artifact_location` when it does
+    not exist yet; an existing experiment keeps its own); returns the mlflow module or raises TrackingError."""
+    configure_mlflow_env()
+    check_store(uri)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        if client.get_experiment_by_name(experiment) is None:
+            # mlflow's own default is ./mlruns of whichever directory first created the experiment.
+            location = artifact_location(uri, experiment, artifact_root)
+            try:
+                client.create_experiment(experiment, artifact_location=location)
+            except mlflow.exceptions.MlflowException:
+                if client.get_experiment_by_name(experiment) is None:  # not a lost race with another process
+                    raise
         mlflow.set_experiment(experiment)
     except Exception as err:  # noqa: BLE001 - mlflow raises many kinds for an unusable store
         raise TrackingError(
@@ -82,7 +152,7 @@ class Tracker:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.enabled = cfg.tracking.enabled
-        self._mlflow = connect(cfg.tracking.uri, cfg.tracking.experiment) if self.enabled else None
+        self._mlflow = connect(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root) if self.enabled else None
         self._history: list[dict[str, list[tuple[int, float]]]] = []  # one per open run, innermost last
 
     @contextmanager

@@ -80,3 +80,16 @@ def ray_head(env: dict[str, str], offset: int) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 continue
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def bomb_png(width: int = 50000, height: int = 50000) -> bytes:
+    """A valid PNG header claiming width x height RGB pixels with a tiny IDAT: a decompression bomb of ~70 bytes that
+    made libpng crash the process (SIGSEGV) when decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

@@ -7,6 +7,9 @@ files (test_datasets.py), unknown/mistyped config keys (test_config.py, test_pip
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from torchvision.io import encode_png
 from sre2l_ray import cli
 from sre2l_ray.models import create_model
 
-from conftest import ROOT
+from conftest import ROOT, bomb_png
 
 TINY = str(ROOT / "configs/tiny.yaml")
 
@@ -50,11 +53,91 @@ def _image_folder(root: Path, per_class: int, classes: tuple[str, ...] = ("cat",
         ("recover.ipc=ten", "'recover.ipc': Input should be a valid integer"),
         ("data.name=imagenet", "'data.name'"),
         ("ray.address", "not key=value"),
+        # Issue 13: values pydantic's lax mode took silently (inf divides every logit, true became ipc 1, size 0 meant
+        # the native size), and a device check whose message quoted the whole config dict.
+        ("relabel.temperature=inf", "'relabel.temperature': Input should be a finite number (got 'inf'); write a finite number"),
+        ("recover.ipc=true", "'recover.ipc': Input should be a valid integer (got True); write a whole number"),
+        ("relabel.temperature=true", "'relabel.temperature': expected a number, not true/false"),
+        ("data.image_size=0", "'data.image_size': Input should be greater than or equal to 1 (got 0)"),
+        ("device=tpu", "config key 'device': device must be auto, cpu, cuda or cuda:N (got 'tpu')"),
     ],
 )
 def test_config_values_fail_in_one_line(capsys, tmp_path: Path, override: str, expect: str) -> None:
-    assert expect in _fail(capsys, f"output_dir={tmp_path}", override)
+    err = _fail(capsys, f"output_dir={tmp_path}", override)
+    assert expect in err and len(err) < 200, err
     assert not any(tmp_path.iterdir()), "nothing written for a refused config"
+
+
+def test_config_path_that_is_a_directory(capsys, tmp_path: Path) -> None:
+    """A folder where the recipe goes read as "override '...' is not key=value" (positional) or "not found" (--config)."""
+    for args in ([str(tmp_path)], ["--config", str(tmp_path)]):
+        assert cli.main(["pipeline", *args, "tracking.enabled=false"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"sre2l: error: config '{tmp_path}' is a directory; pass a YAML file, e.g. configs/tiny.yaml"]
+
+
+def test_decompression_bomb_png_is_refused_as_corrupt(capsys, tmp_path: Path) -> None:
+    """A ~70-byte PNG whose header claims 50000 x 50000 pixels killed the pipeline with SIGSEGV (exit 139, libpng
+    "Not enough image data", no file named): now one line naming the file, before any decoder allocates. A
+    subprocess, since without the check the crash takes the test process with it."""
+    data = tmp_path / "data"
+    _image_folder(data, 3)
+    (data / "train" / "dog" / "bomb.png").write_bytes(bomb_png())
+    args = [f"data.root={data}", "data.name=imagefolder", "data.image_size=12", f"output_dir={tmp_path / 'out'}",
+            "tracking.enabled=false", "ray.enabled=false", "recover.ipc=1", "data.train_limit=null", "data.val_limit=null"]
+    proc = subprocess.run([sys.executable, "-m", "sre2l_ray.cli", "pipeline", TINY, *args], capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, lines[-3:])
+    assert lines[-1].startswith(f"sre2l: error: corrupt image '{data / 'train' / 'dog' / 'bomb.png'}': its header claims over")
+    assert lines[-1].endswith("delete or replace it (or raise data.max_image_pixels)")
+    # The limit is data.max_image_pixels: below 12 x 12, the ordinary images are refused the same way.
+    (data / "train" / "dog" / "bomb.png").unlink()
+    err = _fail(capsys, *args, "data.max_image_pixels=100", command="squeeze")
+    assert "its header claims 12 x 12 pixels, more than the limit of 100" in err
+
+
+def test_sqlite_tracking_store_that_is_a_folder_fails_at_once(capsys, tmp_path: Path) -> None:
+    """mlflow retried a folder as a database for 108 s, with 36 warnings, before failing."""
+    t0 = time.perf_counter()
+    err = _fail(capsys, f"output_dir={tmp_path / 'out'}", "tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}", command="squeeze")
+    assert f"tracking store 'sqlite:///{tmp_path}' is the folder '{tmp_path}', not a database file" in err
+    assert f"e.g. sqlite:///{tmp_path}/mlflow.db" in err and time.perf_counter() - t0 < 20
+    assert not (tmp_path / "out" / "teacher.pt").exists()
+
+
+def test_compare_on_what_is_no_mlflow_store(capsys, tmp_path: Path) -> None:
+    """A text file printed a 78-line SQLAlchemy traceback; a missing path became a new 950 KB database; a foreign
+    SQLite database would have been given MLflow's tables. Each is now one line, and nothing is written."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    err = _fail(capsys, f"tracking.uri=sqlite:///{notes}", command="compare")
+    assert f"'{notes}' is not an SQLite database, so not an MLflow store" in err
+    missing = tmp_path / "missing.db"
+    err = _fail(capsys, f"tracking.uri=sqlite:///{missing}", command="compare")
+    assert f"no MLflow store at '{missing}'; fix --uri or tracking.uri" in err and not missing.exists()
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE notes (x TEXT)")
+    before = foreign.read_bytes()
+    err = _fail(capsys, f"tracking.uri=sqlite:///{foreign}", command="compare")
+    assert "is an SQLite database but not an MLflow store (no experiments table)" in err and foreign.read_bytes() == before
+
+
+def test_shard_into_a_file_fails_before_ray_starts(capsys, tmp_path: Path, monkeypatch) -> None:
+    """`sre2l shard SRC DST` with DST a file started Ray, then failed calling DST "output_dir"."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("this process already joined a Ray cluster")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _image_folder(tmp_path / "src", 1)
+    dst = tmp_path / "shards"
+    dst.write_text("a file, not a folder\n")
+    t0 = time.perf_counter()
+    assert cli.main(["shard", str(tmp_path / "src"), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sre2l: error: shard destination '{dst}' is a file, not a folder; pass a folder path (created when missing)"]
+    assert not ray.is_initialized() and time.perf_counter() - t0 < 5
 
 
 def test_missing_or_empty_dataset_folder(capsys, tmp_path: Path) -> None:
@@ -98,12 +181,15 @@ def test_unknown_model(capsys, tmp_path: Path) -> None:
     assert "unknown model 'vgg11'; choose one of" in _fail(capsys, f"output_dir={tmp_path}", "squeeze.model.name=vgg11", command="squeeze")
 
 
-@pytest.mark.parametrize("kind", ["classes", "arch", "garbage"])
+@pytest.mark.parametrize("kind", ["classes", "size", "arch", "garbage"])
 def test_teacher_checkpoint_that_does_not_fit(capsys, tmp_path: Path, kind: str) -> None:
     path = tmp_path / "teacher.pt"
     if kind == "classes":  # the tiny teacher's architecture, 5 classes instead of Fashion-MNIST's 10
         torch.save(create_model("convnet", 5, 1, 28, depth=2, width=8).state_dict(), path)
-        expect = "do not fit model 'convnet' with 10 classes"
+        expect = "do not fit model 'convnet' with 10 classes: they hold 5 classes"
+    elif kind == "size":  # right classes, trained at 32 px: this used to blame the class count and name model.weights
+        torch.save(create_model("convnet", 10, 1, 32, depth=2, width=8).state_dict(), path)
+        expect = "do not fit model 'convnet' at 28 px: the classifier 'classifier.weight' takes 512 features, the model at 28 px 392, so they were trained at another image size; set data.image_size"
     elif kind == "arch":
         torch.save(create_model("tiny_bn", 10, 1, 28).state_dict(), path)
         expect = "do not fit model 'convnet'"
@@ -112,6 +198,8 @@ def test_teacher_checkpoint_that_does_not_fit(capsys, tmp_path: Path, kind: str)
         expect = "not a plain state dict"
     err = _fail(capsys, f"output_dir={tmp_path / 'out'}", f"squeeze.checkpoint={path}", command="squeeze")
     assert expect in err and "teacher.pt" not in {p.name for p in (tmp_path / "out").glob("*")}
+    if kind == "size":
+        assert "classes" not in err and "model.weights" not in err
 
 
 @pytest.mark.parametrize("address, expect", [("127.0.0.1:1", "is unreachable"), ("nonsense", "is not host:port")])

@@ -54,11 +54,31 @@ def test_out_of_range_values_are_refused(override: str, field: str) -> None:
         build_config({}, [override])
 
 
+def test_counts_are_strict_and_floats_finite() -> None:
+    """YAML ints and `1e-3` (a string to PyYAML) still pass; booleans, whole floats for counts, inf and nan do not."""
+    cfg = build_config({"recover": {"ipc": 3}}, ["relabel.lr=1e-3", "relabel.epochs=7", "ray.cpus_per_worker=1"])
+    assert (cfg.recover.ipc, cfg.relabel.lr, cfg.relabel.epochs, cfg.ray.cpus_per_worker) == (3, 0.001, 7, 1.0)
+    for bad in ("recover.ipc=true", "recover.ipc=10.0", "relabel.temperature=inf", "relabel.lr=.nan",
+                "recover.augment.crop_scale=[0.5, .inf]", "relabel.cutmix=false", "data.image_size=0", "device=cuda:x"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].split(".")[-1]):
+            build_config({}, [bad])
+
+
+def test_new_keys_leave_existing_output_hashes_alone() -> None:
+    """data.max_image_pixels and tracking.artifact_root change no output: finished teachers and sets stay valid."""
+    base = build_config({})
+    other = build_config({}, ["data.max_image_pixels=1000", "tracking.artifact_root=/x"])
+    assert base.hash("seed", "data", "squeeze") == other.hash("seed", "data", "squeeze") and base.hash() == other.hash()
+    assert base.hash("data") == "7b5ca4623e33d576"  # the value before these keys existed
+
+
 def test_bad_override_syntax_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not key=value"):
         build_config({}, ["recover.ipc"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory; pass a YAML file"):
+        load_config(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("recover: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

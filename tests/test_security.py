@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,20 @@ def test_local_ray_dashboard_binds_127_0_0_1() -> None:
         ray.shutdown()
         if env_address is not None:
             os.environ["RAY_ADDRESS"] = env_address
+
+
+def test_outputs_honour_the_umask(tmp_path: Path) -> None:
+    """Outputs were mode 0600 whatever the umask (mkstemp's mode survived the rename): a team sharing a cluster file
+    system could not read results.json, teacher.pt or the PNGs. With umask 022 every output file is now 0644."""
+    out = tmp_path / "out"
+    args = [f"data.root={ROOT / 'data'}", f"output_dir={out}", "tracking.enabled=false", "ray.enabled=false", "relabel.epochs=1",
+            "squeeze.epochs=1"]
+    proc = subprocess.run([sys.executable, "-m", "sre2l_ray.cli", "pipeline", str(ROOT / "configs/tiny.yaml"), *args],
+                          capture_output=True, text=True, timeout=600, umask=0o022)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"results.json", "synthetic_grid.png", "teacher.pt", "config.yaml", "manifest.json"} <= names
+    assert any(p.suffix == ".png" and p.parent.parent.name == "synthetic" for p in files)
+    modes = {str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert {k: v for k, v in modes.items() if v != "0o644"} == {}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,6 +19,8 @@ from sre2l_ray import cli
 from sre2l_ray.config import DataConfig, load_config
 from sre2l_ray.data.datasets import DatasetError, load_split, safe_class_dirname
 from sre2l_ray.data.shards import load_shard_split, read_manifest, shard_files, shard_image_folder
+
+from conftest import bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +133,64 @@ def test_cli_shard_on_ray_then_stream_with_ray_data(folders: dict[str, Path], tm
     victim.write_bytes(victim.read_bytes()[:1000])
     with pytest.raises(DatasetError, match="shard-00000.parquet' is missing, truncated or corrupt.*rerun `sre2l shard`"):
         make_shard_dataset(cfg, train=True)
+
+
+@pytest.mark.ray
+def test_cli_shard_reports_a_decompression_bomb(folders: dict[str, Path], tmp_path: Path, ray_local, capsys) -> None:
+    """A PNG whose header claims 50000 x 50000 pixels crashed every Ray worker that decoded it (WorkerCrashedError
+    traceback); now it is a corrupt image like any other: skipped and listed in report.json by path, or --strict."""
+    src = tmp_path / "src"
+    shutil.copytree(folders["fm"], src)
+    (src / "train" / "00003_Dress" / "bomb.png").write_bytes(bomb_png())
+    assert cli.main(["shard", str(src), str(tmp_path / "s"), "--shard-mb", "0.02"]) == 0
+    assert "train/00003_Dress/bomb.png: its header claims over" in capsys.readouterr().err
+    skipped = json.loads((tmp_path / "s" / "report.json").read_text())["skipped"]
+    assert [s["path"] for s in skipped] == ["train/00003_Dress/bomb.png"] and "more than the limit of" in skipped[0]["error"]
+    assert read_manifest(str(tmp_path / "s"))["splits"]["train"]["count"] == 60  # every real image kept
+    assert cli.main(["shard", str(src), str(tmp_path / "strict"), "--shard-mb", "0.02", "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train/00003_Dress/bomb.png: its header claims over" in err[0] and "drop --strict" in err[0]
+    # --max-image-pixels is the limit: below 28 x 28, every Fashion-MNIST image counts as too large.
+    assert cli.main(["shard", str(folders["fm"]), str(tmp_path / "small"), "--max-image-pixels", "100"]) == 0
+    skipped = json.loads((tmp_path / "small" / "report.json").read_text())["skipped"]
+    assert len(skipped) == 90 and "claims 28 x 28 pixels, more than the limit of 100" in skipped[0]["error"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cli_shard_names_the_shard_whose_worker_crashed(tmp_path: Path, ray_local, capsys) -> None:
+    """The last line of defence: a decoder that kills its worker process (here the bomb, let through by a limit raised
+    above its claim) ends in one line naming the shard and its first file, not a WorkerCrashedError traceback."""
+    for split in ("train", "val"):
+        (tmp_path / "src" / split / "a").mkdir(parents=True)
+        (tmp_path / "src" / split / "a" / "bomb.png").write_bytes(bomb_png())
+    assert cli.main(["shard", str(tmp_path / "src"), str(tmp_path / "s"), "--max-image-pixels", "3000000000"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sre2l: error:")]
+    assert len(err) == 1 and "the Ray worker writing shard 'train/shard-00000.parquet' (1 image(s) from 'train/a/bomb.png' on) died" in err[0]
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_shard_stream_decoder_refuses_a_bomb_before_decoding(tmp_path: Path) -> None:
+    """The Ray Data decode (training views with augmentation, evaluation views) checks headers too, for shards written
+    by an older version. A subprocess: without the check the decoder's crash would take the test process with it."""
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
+    code = (
+        "import sys, numpy as np\n"
+        "from sre2l_ray.config import AugmentConfig\n"
+        "from sre2l_ray.data.datasets import DatasetError\n"
+        "from sre2l_ray.distributed.data import decode_augment\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "batch = {'image': np.array([data], dtype=object), 'path': np.array(['train/x/bomb.png']), 'label': np.zeros(1), 'index': np.zeros(1)}\n"
+        "for aug in (AugmentConfig().model_dump(), None):\n"
+        "    try:\n"
+        "        decode_augment(batch, 28, aug)\n"
+        "    except DatasetError as err:\n"
+        "        print(err)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bomb.png")], capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, (proc.returncode, proc.stderr[-500:])
+    assert all("train/x/bomb.png" in line and "header claims over" in line for line in lines)
 
 
 @pytest.mark.ray

@@ -17,6 +17,8 @@ from sre2l_ray.pipeline import run_pipeline
 from sre2l_ray.plots import training_curves
 from sre2l_ray.tracking import Tracker, TrackingError
 
+ROOT = Path(__file__).resolve().parents[1]
+
 PORT = 5055
 URI = f"http://127.0.0.1:{PORT}"
 
@@ -104,6 +106,33 @@ def test_unreachable_server_fails_fast_with_fix(tiny_config, capsys) -> None:
     rc = cli.main(["pipeline", str(Path(__file__).resolve().parents[1] / "configs/tiny.yaml"), f"output_dir={cfg.output_dir}", "tracking.enabled=true", f"tracking.uri={uri}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "unreachable" in err[0]
+
+
+def test_artifacts_live_beside_the_sqlite_store_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    """Artifacts went to <cwd>/mlruns of whichever directory first created the experiment: the same command from
+    another directory could not find them. Now <folder of the .db>/mlartifacts/<experiment>, or tracking.artifact_root."""
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    common = [f"data.root={ROOT / 'data'}", "ray.enabled=false", "tracking.enabled=true", f"tracking.uri={uri}", "squeeze.epochs=1"]
+    for name, extra in (("a", ["tracking.experiment=where"]), ("b", ["tracking.experiment=where"]),
+                        ("c", ["tracking.experiment=elsewhere", f"tracking.artifact_root={tmp_path / 'art'}"])):
+        cwd = tmp_path / f"cwd_{name}"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        assert cli.main(["squeeze", str(ROOT / "configs/tiny.yaml"), f"output_dir={tmp_path / f'out_{name}'}", *common, *extra]) == 0
+        assert not any(cwd.iterdir()), f"nothing written into the working directory: {list(cwd.iterdir())}"
+    client = MlflowClient(tracking_uri=uri)
+    for experiment, folder, count in (("where", store / "mlartifacts" / "where", 2), ("elsewhere", tmp_path / "art" / "elsewhere", 1)):
+        exp = client.get_experiment_by_name(experiment)
+        assert exp.artifact_location == folder.as_uri()
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == count
+        for run in runs:  # each run's artifacts (config.yaml, curves.png) under the store's folder, found from any cwd
+            assert run.info.artifact_uri.startswith(folder.as_uri() + "/")
+            assert {p.name for p in (folder / run.info.run_id / "artifacts").iterdir()} >= {"config.yaml", "curves.png"}
 
 
 def test_disabled_tracker_is_inert(tiny_config) -> None:

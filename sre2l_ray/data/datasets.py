@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
 import shutil
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sre2l_ray.config import DataConfig
+from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS, DataConfig
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -165,11 +168,45 @@ def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]
     return classes, items
 
 
-def decode_image(data: bytes, where: str, size: int, channels: int) -> torch.Tensor:
-    """Encoded bytes -> uint8 [C, size, size] (shorter side resized, centre crop); a clear error on corrupt data."""
+_PIL_READY = False
+
+
+def header_problem(data: bytes, max_pixels: int = PIL_MAX_IMAGE_PIXELS) -> str | None:
+    """Why an encoded image must not reach the decoder, judged from its header alone, or None.
+
+    A PNG of a few hundred bytes can claim 50000 x 50000 pixels: libpng then allocates for the claim and the process
+    dies (SIGSEGV, no file named). Pillow's `Image.open` parses only the header, lazily, so the claim is checked
+    before any pixel buffer exists. Bytes Pillow cannot identify pass: the decoder reports those itself."""
+    global _PIL_READY
+    from PIL import Image, UnidentifiedImageError
+
+    if not _PIL_READY:
+        # Our limit replaces Pillow's: its warning between 1x and 2x its MAX_IMAGE_PIXELS would only repeat ours.
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _PIL_READY = True
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # a raised data.max_image_pixels must not be refused by Pillow first
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Image.DecompressionBombError:  # over 2x Pillow's limit, which is at least ours: refused either way
+        return f"its header claims over {2 * Image.MAX_IMAGE_PIXELS} pixels, more than the limit of {max_pixels}"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, EOFError):
+        return None  # not a header Pillow reads: the decoder's own error names the problem
+    if width * height > max_pixels:
+        return f"its header claims {width} x {height} pixels, more than the limit of {max_pixels}"
+    return None
+
+
+def decode_image(data: bytes, where: str, size: int, channels: int, max_pixels: int = PIL_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Encoded bytes -> uint8 [C, size, size] (shorter side resized, centre crop); a clear error on corrupt data,
+    and on a header claiming more than `max_pixels` pixels, before decoding."""
     from torchvision.io import ImageReadMode, decode_image as tv_decode
     from torchvision.transforms.v2 import functional as TF
 
+    problem = header_problem(data, max_pixels)
+    if problem is not None:
+        raise DatasetError(f"corrupt image '{where}': {problem}; delete or replace it (or raise data.max_image_pixels)")
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:
         img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
@@ -185,7 +222,7 @@ def _folder_split(cfg: DataConfig, train: bool, size: int) -> tuple[torch.Tensor
     channels = 3
     images = torch.empty((len(items), channels, size, size), dtype=torch.uint8)
     for i, (path, _) in enumerate(items):
-        images[i] = decode_image(path.read_bytes(), str(path), size, channels)
+        images[i] = decode_image(path.read_bytes(), str(path), size, channels, cfg.max_image_pixels)
     labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
     return images, labels, classes
 

@@ -29,8 +29,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from sre2l_ray.config import DataConfig
-from sre2l_ray.data.datasets import DatasetError, decode_image, scan_image_folder
+from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS, DataConfig
+from sre2l_ray.data.datasets import DatasetError, decode_image, header_problem, scan_image_folder
 from sre2l_ray.data.synthetic import atomic_write_json
 
 FORMAT = "sre2l-shards/1"
@@ -55,6 +55,8 @@ class ShardPlan:
     src_root: str
     files: list[tuple[str, int, int, int]]  # (relative path, label, index, size in bytes)
     classes: list[str]
+    max_pixels: int = PIL_MAX_IMAGE_PIXELS
+    """Images whose header claims more pixels are skipped as corrupt (see datasets.header_problem)."""
 
     @property
     def name(self) -> str:
@@ -62,7 +64,10 @@ class ShardPlan:
 
     @property
     def key(self) -> str:
-        h = hashlib.sha256(json.dumps([FORMAT, self.classes, self.files]).encode())
+        # A non-default pixel limit joins the key, so changing it rewrites the shards it may change; the default
+        # keeps the key of shards written before the limit existed.
+        limit = [] if self.max_pixels == PIL_MAX_IMAGE_PIXELS else [self.max_pixels]
+        h = hashlib.sha256(json.dumps([FORMAT, self.classes, self.files, *limit]).encode())
         return h.hexdigest()[:24]
 
 
@@ -75,7 +80,7 @@ class ShardResult:
     written: bool = True
 
 
-def plan_split(src: Path, split: str, shard_bytes: int) -> tuple[list[str], list[ShardPlan]]:
+def plan_split(src: Path, split: str, shard_bytes: int, max_pixels: int = PIL_MAX_IMAGE_PIXELS) -> tuple[list[str], list[ShardPlan]]:
     """Cut the sorted file list of src/split into consecutive runs of about `shard_bytes` source bytes."""
     split_dir = src / split
     classes, items = scan_image_folder(split_dir)
@@ -85,12 +90,12 @@ def plan_split(src: Path, split: str, shard_bytes: int) -> tuple[list[str], list
     for index, (path, label) in enumerate(items):
         size = path.stat().st_size
         if cur and cur_bytes + size > shard_bytes:
-            plans.append(ShardPlan(split, len(plans), str(src), cur, classes))
+            plans.append(ShardPlan(split, len(plans), str(src), cur, classes, max_pixels))
             cur, cur_bytes = [], 0
         cur.append((path.relative_to(split_dir).as_posix(), label, index, size))
         cur_bytes += size
     if cur:
-        plans.append(ShardPlan(split, len(plans), str(src), cur, classes))
+        plans.append(ShardPlan(split, len(plans), str(src), cur, classes, max_pixels))
     return classes, plans
 
 
@@ -107,9 +112,14 @@ def shard_is_done(path: Path, key: str) -> ShardResult | None:
     return ShardResult(path.name, meta.num_rows, path.stat().st_size, skipped, written=False)
 
 
-def validate_image(data: bytes) -> str | None:
-    """None when torchvision can decode the bytes, else the decoder's message."""
+def validate_image(data: bytes, max_pixels: int = PIL_MAX_IMAGE_PIXELS) -> str | None:
+    """None when torchvision can decode the bytes, else the decoder's message; a header claiming more than
+    `max_pixels` pixels is refused before decoding (the decoder would crash the process on it)."""
     from torchvision.io import ImageReadMode, decode_image as tv_decode
+
+    problem = header_problem(data, max_pixels)
+    if problem is not None:
+        return problem
 
     try:
         tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -130,7 +140,7 @@ def write_shard(plan: ShardPlan, dst: str, strict: bool = False) -> ShardResult:
     for rel, label, index, _ in plan.files:
         try:
             data = (split_dir / rel).read_bytes()
-            err = validate_image(data)
+            err = validate_image(data, plan.max_pixels)
         except OSError as e:
             err = f"unreadable ({e.strerror or e})"
         if err is not None:
@@ -158,6 +168,24 @@ def write_shard(plan: ShardPlan, dst: str, strict: bool = False) -> ShardResult:
     return ShardResult(out.name, table.num_rows, out.stat().st_size, skipped)
 
 
+def check_shard_paths(src: str | Path, dst: str | Path, splits: Iterable[str] = ("train", "val")) -> list[str]:
+    """The split folders present under `src`, after checking that `src` is an ImageFolder root and `dst` is (or can
+    become) a folder: cheap checks that run before any Ray starts."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise DatasetError(f"source folder '{src}' not found; pass an ImageFolder root with train/ and val/ inside")
+    present = [s for s in splits if (src / s).is_dir()]
+    if not present:
+        raise DatasetError(f"'{src}' has none of the split folders {list(splits)}; expected {src}/train/<class>/<image>")
+    if dst.exists() and not dst.is_dir():
+        raise DatasetError(f"shard destination '{dst}' is a file, not a folder; pass a folder path (created when missing)")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(f"cannot create shard destination '{dst}' ({err.strerror or err}); pass a writable folder") from None
+    return present
+
+
 def shard_image_folder(
     src: str | Path,
     dst: str | Path,
@@ -165,18 +193,16 @@ def shard_image_folder(
     strict: bool = False,
     splits: Iterable[str] = ("train", "val"),
     map_fn: Callable[[Callable[[ShardPlan], ShardResult], list[ShardPlan]], Iterable[ShardResult]] = map,
+    max_pixels: int = PIL_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
-    """Shard every split of an ImageFolder; `map_fn` runs `write_shard` over the plans (Ray in distributed/shard.py)."""
+    """Shard every split of an ImageFolder; `map_fn` runs `write_shard` over the plans (Ray in distributed/shard.py).
+    Images whose header claims more than `max_pixels` pixels count as corrupt (skipped and reported, or --strict)."""
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise DatasetError(f"source folder '{src}' not found; pass an ImageFolder root with train/ and val/ inside")
-    present = [s for s in splits if (src / s).is_dir()]
-    if not present:
-        raise DatasetError(f"'{src}' has none of the split folders {list(splits)}; expected {src}/train/<class>/<image>")
+    present = check_shard_paths(src, dst, splits)
     plans: list[ShardPlan] = []
     classes: list[str] | None = None
     for split in present:
-        split_classes, split_plans = plan_split(src, split, max(1, int(shard_mb * 2**20)))
+        split_classes, split_plans = plan_split(src, split, max(1, int(shard_mb * 2**20)), max_pixels)
         if classes is not None and split_classes != classes:
             raise DatasetError(f"'{src}/{split}' has different class folders than '{src}/{present[0]}'; make them match")
         classes = split_classes
@@ -296,6 +322,6 @@ def load_shard_split(cfg: DataConfig, train: bool, size: int, rows: np.ndarray |
     images = torch.empty((table.num_rows, 3, size, size), dtype=torch.uint8)
     paths = table.column("path").to_pylist()
     for i, data in enumerate(table.column("image").to_pylist()):
-        images[i] = decode_image(data, f"{split}/{paths[i]}", size, 3)
+        images[i] = decode_image(data, f"{split}/{paths[i]}", size, 3, cfg.max_image_pixels)
     labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.long)
     return images, labels, list(classes)

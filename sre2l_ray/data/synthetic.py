@@ -20,12 +20,34 @@ import torch
 from sre2l_ray.data.datasets import DatasetError, ImageSet, safe_class_dirname
 
 
+def _read_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status, kernel >= 4.7): the
+    portable os.umask(0)-then-restore briefly sets a process-wide 0 that another thread's new file could catch."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+# Mode of every file written here: what open() would give (0o666 less the umask), since mkstemp creates 0600 and a
+# team sharing a cluster file system could not read results.json, teacher.pt or the PNGs. Read once, at import.
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
+    """Write to a temp file in the same folder, fsync, then rename: readers see the old file or the new one. The file
+    gets the mode a plain open() would give (FILE_MODE), not mkstemp's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

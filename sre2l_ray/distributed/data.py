@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from sre2l_ray.config import AugmentConfig, DataConfig
-from sre2l_ray.data.datasets import STATS, DatasetError, decode_image
+from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS, AugmentConfig, DataConfig
+from sre2l_ray.data.datasets import STATS, DatasetError, decode_image, header_problem
 from sre2l_ray.data.shards import check_shards, filesystem
 
 _COLUMNS = ["image", "label", "path", "index"]
@@ -51,8 +51,11 @@ def _rrc_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, flo
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def decode_augment(batch: dict[str, np.ndarray], size: int, aug: dict[str, Any] | None) -> dict[str, np.ndarray]:
-    """Encoded bytes -> uint8 [B, 3, size, size]: random resized crop + flip when `aug`, else resize + centre crop."""
+def decode_augment(
+    batch: dict[str, np.ndarray], size: int, aug: dict[str, Any] | None, max_pixels: int = PIL_MAX_IMAGE_PIXELS,
+) -> dict[str, np.ndarray]:
+    """Encoded bytes -> uint8 [B, 3, size, size]: random resized crop + flip when `aug`, else resize + centre crop.
+    A header claiming more than `max_pixels` pixels is a corrupt image, refused before decoding."""
     from torchvision.io import ImageReadMode, decode_image as tv_decode
     from torchvision.transforms.v2 import functional as TF
 
@@ -61,8 +64,11 @@ def decode_augment(batch: dict[str, np.ndarray], size: int, aug: dict[str, Any] 
     out = np.empty((len(batch["image"]), 3, size, size), dtype=np.uint8)
     for i, (data, path) in enumerate(zip(batch["image"], batch["path"])):
         if aug is None:
-            out[i] = decode_image(data, str(path), size, 3).numpy()
+            out[i] = decode_image(data, str(path), size, 3, max_pixels).numpy()
             continue
+        problem = header_problem(data, max_pixels)
+        if problem is not None:
+            raise DatasetError(f"corrupt image '{path}' in shards: {problem}; reshard with `sre2l shard` (it skips such images)")
         try:
             img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as err:
@@ -105,7 +111,7 @@ def _read_rows(files: list[str], starts: np.ndarray, first: int, count: int) -> 
 
 def _read_decode(
     units: dict[str, np.ndarray], files: list[str], starts: np.ndarray, size: int, aug: dict[str, Any] | None,
-    keep: np.ndarray | None,
+    keep: np.ndarray | None, max_pixels: int = PIL_MAX_IMAGE_PIXELS,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One task: read and decode its units in turn, one decode call and one output batch per unit (`keep`: only rows
     with these `index` values, dropped before decoding)."""
@@ -115,7 +121,7 @@ def _read_decode(
         if wanted is not None:
             table = table.filter(pc.is_in(table.column("index"), value_set=wanted))
         if table.num_rows:
-            yield decode_augment({c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}, size, aug)
+            yield decode_augment({c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}, size, aug, max_pixels)
 
 
 def _plan_units(total: int, workers: int, unit_rows: int) -> tuple[list[dict[str, int]], int]:
@@ -168,7 +174,7 @@ def make_shard_dataset(
     aug_kw = (aug or AugmentConfig()).model_dump() if train else None
     fn_kwargs = {
         "files": files, "starts": np.cumsum([0, *counts]), "size": size, "aug": aug_kw,
-        "keep": None if rows is None else np.asarray(rows, dtype=np.int64),
+        "keep": None if rows is None else np.asarray(rows, dtype=np.int64), "max_pixels": data.max_image_pixels,
     }
     return ds.map_batches(
         _read_decode, fn_kwargs=fn_kwargs, batch_size=per_task, batch_format="numpy",

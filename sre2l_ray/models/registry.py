@@ -84,12 +84,38 @@ def create_model(
         num_classes=num_classes, in_channels=in_channels, image_size=image_size, depth=depth, width=width, weights=weights
     )
     if weights and Path(weights).suffix:
+        state = load_state_dict(weights)
         try:
-            model.load_state_dict(load_state_dict(weights))
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
-            raise ValueError(
-                f"weights '{weights}' do not fit model '{name}' with {num_classes} classes ({first}); "
-                "point model.weights at a checkpoint of the same architecture and class count"
-            ) from None
+            model.load_state_dict(state)
+        except RuntimeError:
+            raise ValueError(f"weights '{weights}' do not fit model '{name}' {misfit(model, state, num_classes, in_channels, image_size)}") from None
     return model
+
+
+def misfit(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int, in_channels: int, image_size: int) -> str:
+    """Why `state` does not load into `model`, told by the dimension that differs (class count, input channels,
+    image size, or the architecture itself), with the fix: torch's own message lists shapes and blames nothing."""
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in state]
+    extra = [k for k in state if k not in mine]
+    if missing or extra:
+        keys = ", ".join([f"missing '{k}'" for k in missing[:2]] + [f"unexpected '{k}'" for k in extra[:2]])
+        return f"(another architecture: {keys}); use a checkpoint of this model with the configured depth and width"
+    bad = [k for k, v in mine.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if not bad:
+        return "(same shapes, other values refused); use a checkpoint saved from model.state_dict()"
+    head = [k for k, v in mine.items() if v.ndim == 2][-1]  # the last Linear's weight: the classifier
+    first_conv = next((k for k, v in mine.items() if v.ndim == 4), None)
+    k = bad[0]
+    got, want = list(state[k].shape), list(mine[k].shape)
+    if head in bad and state[head].shape[0] != mine[head].shape[0]:
+        n = int(state[head].shape[0])
+        return f"with {num_classes} classes: they hold {n} classes ('{head}' is {list(state[head].shape)}, the model's {list(mine[head].shape)}); use a checkpoint trained on this dataset's classes"
+    if k == first_conv and got[1:2] != want[1:2]:
+        return f"with {in_channels} input channels: they take {got[1]} ('{k}' is {got}, the model's {want}); use a checkpoint trained on images with {in_channels} channels"
+    if bad == [head]:
+        got, want = list(state[head].shape), list(mine[head].shape)
+        return (f"at {image_size} px: the classifier '{head}' takes {got[1]} features, the model at {image_size} px {want[1]}, "
+                f"so they were trained at another image size; set data.image_size to the size they were trained at, "
+                f"or use a checkpoint trained at {image_size} px")
+    return f"('{k}' is {got} in the file, {want} in the model); set the model's depth and width to the checkpoint's"
