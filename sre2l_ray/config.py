@@ -330,6 +330,10 @@ class Config(_Group):
         for section, keys in _NOT_HASHED.items():
             for k in keys:
                 dump[section].pop(k, None)
+        for section, keys in _HASHED_UNLESS_DEFAULT.items():
+            for k in keys:
+                if dump[section].get(k) == type(self).model_fields[section].default.model_dump(mode="json")[k]:
+                    dump[section].pop(k)
         part = {k: dump[k] for k in sections} if sections else dump
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -337,6 +341,9 @@ class Config(_Group):
 # Keys that do not change any output (limits and bookkeeping) and came after outputs existed: left out of the hash so
 # adding them does not make every finished teacher and synthetic set look stale.
 _NOT_HASHED = {"data": ("max_image_pixels",), "tracking": ("artifact_root",)}
+# Knobs added after outputs existed whose default reproduces the earlier outputs exactly: hashed only when set, so
+# adding them leaves finished teachers and students valid.
+_HASHED_UNLESS_DEFAULT = {"squeeze": ("keep_epochs",), "relabel": ("teacher_epoch",)}
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

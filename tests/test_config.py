@@ -105,3 +105,17 @@ def test_later_yaml_files_override_earlier_ones(tmp_path: Path) -> None:
     cfg = parse_config_args([str(ROOT / "configs/fashion_mnist.yaml"), str(recipe), "relabel.temperature=3"])
     assert cfg.recover.iterations == 7 and cfg.relabel.temperature == 3.0
     assert cfg.recover.ipc == 10 and cfg.recover.lr == 0.25  # the dataset config's other keys stay
+
+
+def test_knobs_added_later_are_hashed_only_when_set() -> None:
+    """squeeze.keep_epochs and relabel.teacher_epoch at their defaults keep the hashes finished outputs carry."""
+    base = load_config(ROOT / "configs/fashion_mnist.yaml")
+    dump = base.model_dump(mode="json")
+    for section, key in (("squeeze", "keep_epochs"), ("relabel", "teacher_epoch")):
+        import hashlib
+        import json
+
+        old = {k: v for k, v in dump[section].items() if k != key}  # the section as it was before the knob existed
+        assert hashlib.sha256(json.dumps({section: old}, sort_keys=True).encode()).hexdigest()[:16] == base.hash(section)
+    kept = load_config(ROOT / "configs/fashion_mnist.yaml", ["squeeze.keep_epochs=[2]", "relabel.teacher_epoch=2"])
+    assert kept.hash("squeeze") != base.hash("squeeze") and kept.hash("relabel") != base.hash("relabel")
