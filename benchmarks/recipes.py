@@ -83,7 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="fashion_mnist")
     ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
-    ap.add_argument("--recipes", nargs="+", default=["sre2l", "cda", "edc", "rded"])
+    ap.add_argument("--recipes", nargs="+", default=["sre2l", "cda", "edc", "rded"], help="names in configs/recipes/ or YAML paths")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=None, help="run folders (default runs/bench_recipes/<dataset>)")
     ap.add_argument("--result", default=None, help="default benchmarks/results/recipes_<dataset>.json")
@@ -102,7 +102,9 @@ def main() -> None:
     for ipc in args.ipc:
         done: list[Path] = []
         for recipe in args.recipes:
-            paths = dataset_configs(args.dataset, ipc) + [ROOT / "configs" / "recipes" / f"{recipe}.yaml"]
+            named = ROOT / "configs" / "recipes" / f"{recipe}.yaml"
+            paths = dataset_configs(args.dataset, ipc) + [named if named.is_file() else Path(recipe)]
+            recipe = Path(recipe).stem
             cfg = load_config(paths, base + [f"output_dir={out / f'ipc{ipc}' / recipe}", f"recover.ipc={ipc}"])
             res = run_one(cfg, Path(teacher_cfg.output_dir), done)
             done.append(Path(cfg.output_dir))

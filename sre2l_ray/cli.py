@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from typing import Callable
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS, Config, ConfigError, load_config, to_yaml
 
@@ -97,6 +100,51 @@ def _shard(ns: argparse.Namespace) -> int:
     return 0
 
 
+_received: list[int] = []  # signals that asked this process to stop, newest last
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (`kill`, `ray job stop`, a scheduler) stops the run as Ctrl-C does: through the SIGINT handler in
+    force, so a Tune search ends gracefully under its own handler, and everywhere else KeyboardInterrupt unwinds
+    the stack (actors killed, Train runs aborted, the lock released)."""
+    _received.append(signum)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler not in (_on_sigint, signal.default_int_handler):
+        handler(signal.SIGINT, frame)
+        return
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """While the block runs, Ctrl-C and SIGTERM raise KeyboardInterrupt in this (main) thread (`interrupted` turns
+    it into one line); the handlers before are restored after, so an in-process caller (tests) keeps its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _received.clear()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        for sig, handler in zip((signal.SIGINT, signal.SIGTERM), before):
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def interrupted(prog: str = "sre2l") -> int:
+    """One line instead of a traceback; exit status 128 + signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+    _close_bars()
+    print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+    return 128 + (_received[-1] if _received else signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sre2l", description="SRe2L dataset condensation on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         ns.args = list(getattr(ns, "args", [])) + stray
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    with signals_as_interrupts():
+        return _run(ns, argv)
+
+
+def _run(ns: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         if ns.command == "shard":
             return _shard(ns)
@@ -141,9 +194,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if ns.command == "compare":
             return _compare(cfg, ns)
-        COMMANDS[ns.command][0](cfg)
+        from sre2l_ray.rundir import hold
+
+        # One run per output_dir at a time: a second one would interleave its writes with this one's.
+        with hold(cfg.output_dir, " ".join(["sre2l", *(sys.argv[1:] if argv is None else argv)])):
+            COMMANDS[ns.command][0](cfg)
+    except KeyboardInterrupt:
+        return interrupted()
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        return _error(str(err))
+        # A stage that turned the interrupt into its own error (Tune's "search interrupted") still exits as one.
+        return interrupted() if _received else _error(str(err))
     except OSError as err:  # disk full, read-only or not-a-folder output: outputs are written atomically, so none is half-written
         where = f" '{err.filename}'" if err.filename else ""
         return _error(f"{err.strerror or err}{where}; free disk space or make output_dir a writable folder "
@@ -153,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _error(message: str) -> int:
     """Print the one-line error on a line of its own: close the progress bars the failure interrupted first."""
+    _close_bars()
+    print(f"sre2l: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _close_bars() -> None:
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-    print(f"sre2l: error: {message}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from sre2l_ray.config import Config, to_yaml
 from sre2l_ray.data.datasets import ImageSet, check_subset_fits, load_split, real_subsets, to_uint8
 from sre2l_ray.data.synthetic import SyntheticStore, atomic_write_bytes, atomic_write_json, sweep_stale_temps
 from sre2l_ray.models import create_model
+from sre2l_ray.rundir import CONDENSED, check_config
 from sre2l_ray.runtime import StageStats, measure, resolve_device, set_threads
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches, improvement_over_random, summarize_seeds
 from sre2l_ray.recovery import RealImages, batch_inputs, ensure_class_stats, load_class_stats, needs_real_images, recovery_plan
@@ -46,10 +47,33 @@ def out_dir(cfg: Config) -> Path:
     return p
 
 
-def _record_stage(cfg: Config, stage: str, stats: StageStats) -> None:
+# What each stage leaves when it does work (the newest such file tells whether this run did it or reused it).
+_STAGE_OUTPUTS = {"squeeze": ("teacher.pt",), "recover": ("synthetic/.done/*.json",),
+                  "relabel": ("students/**/metrics.json",), "evaluate": ("students/**/metrics.json",)}
+
+
+def _did_work(cfg: Config, stage: str, stats: StageStats) -> bool:
+    """Whether one of the stage's outputs was written while it ran (a file written before the stage started is older
+    than its start, whatever the file system's timestamp resolution)."""
+    start_ns = time.time_ns() - int(stats.wall_s * 1e9)
+    root = out_dir(cfg)
+    return any(p.stat().st_mtime_ns >= start_ns for pattern in _STAGE_OUTPUTS[stage] for p in root.glob(pattern) if p.is_file())
+
+
+def _record_stage(cfg: Config, stage: str, stats: StageStats, worked: bool | None = None) -> None:
+    """Wall time and peak memory of the run that did the stage's work. A run that only reused finished outputs keeps
+    that record and counts itself in `reused` (a rerun must not report 0.01 s as the stage's time)."""
     path = out_dir(cfg) / "stages.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data[stage] = {"wall_s": round(stats.wall_s, 3), "peak_rss_mb": round(stats.peak_rss_mb, 1), "peak_cuda_mb": round(stats.peak_cuda_mb, 1), **stats.extra}
+    if worked is None:
+        worked = _did_work(cfg, stage, stats)
+    if not worked and stage in data:
+        data[stage]["reused"] = int(data[stage].get("reused", 0)) + 1
+    else:
+        data[stage] = {"wall_s": round(stats.wall_s, 3), "peak_rss_mb": round(stats.peak_rss_mb, 1),
+                       "peak_cuda_mb": round(stats.peak_cuda_mb, 1), **stats.extra}
+        if not worked:  # reused, but the run that did the work left no record (stages.json deleted): say so
+            data[stage]["reused"] = 1
     atomic_write_json(path, data)
 
 
@@ -105,22 +129,27 @@ def kept_teacher_path(out: Path, epoch: int) -> Path:
     return out / "squeeze" / f"teacher-e{epoch}.pt"
 
 
-def _setup(cfg: Config) -> torch.device:
+def _setup(cfg: Config, sections: tuple[str, ...] = CONDENSED) -> torch.device:
+    """Refuse an output_dir holding another condensed set (by the `sections` this stage depends on) before writing
+    anything; then record the resolved config, unless it belongs to other recover settings (squeeze reusing a teacher
+    whose folder holds another set's images, as Tune's shared teacher does)."""
     set_threads(cfg.threads)
-    sweep_stale_temps(out_dir(cfg))
-    atomic_write_bytes(out_dir(cfg) / "config.yaml", to_yaml(cfg).encode())
+    if check_config(cfg, sections):
+        sweep_stale_temps(out_dir(cfg))
+        atomic_write_bytes(out_dir(cfg) / "config.yaml", to_yaml(cfg).encode())
     return resolve_device(cfg.device)
 
 
 def run_squeeze(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]:
     """Train (or import) the teacher; skipped when teacher.pt already matches this config."""
     tracker = tracker or Tracker(cfg)
-    device = _setup(cfg)
+    device = _setup(cfg, ("seed", "data", "squeeze"))
     path = teacher_path(cfg)
     key = cfg.hash("seed", "data", "squeeze")
     if path.is_file():
         done = load_checkpoint(path)
         if done.get("config_hash") == key:
+            _record_stage(cfg, "squeeze", StageStats(), worked=False)
             return done["metrics"]
     with tracker.run("squeeze", nested=True), measure() as stats:
         bar = tqdm(total=cfg.squeeze.epochs, desc="squeeze", unit="epoch")
@@ -259,7 +288,7 @@ def run_recover(cfg: Config, tracker: Tracker | None = None) -> Path:
         tracker.log_artifact(grid)
         tracker.log_artifact(store.manifest_path)
     stats.extra["images"] = float(len(store.classes) * cfg.recover.ipc)
-    _record_stage(cfg, "recover", stats)
+    _record_stage(cfg, "recover", stats, worked=bool(todo))
     return store.root
 
 
@@ -439,6 +468,7 @@ def headline_metrics(students: dict[str, dict[str, Any]], summary: dict[str, Any
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """Squeeze -> recover -> relabel -> evaluate under one parent MLflow run; each stage resumes what is done."""
+    check_config(cfg)  # another condensed set in output_dir: refused before any stage (or MLflow run) starts
     if cfg.evaluate.baselines:
         check_subset_fits(cfg.data, cfg.recover.ipc)
     tracker = Tracker(cfg)
@@ -474,5 +504,8 @@ def results_table(results: dict[str, Any]) -> str:
     lines.append(f"{'stage':<16}{'wall s':>16}{'peak MB':>16}")
     for stage in [s for s in STAGES if s in results["stages"]]:
         st = results["stages"][stage]
-        lines.append(f"{stage:<16}{st['wall_s']:>16.1f}{st['peak_rss_mb']:>16.0f}")
+        reused = f"  reused {st['reused']}x" if st.get("reused") else ""
+        lines.append(f"{stage:<16}{st['wall_s']:>16.1f}{st['peak_rss_mb']:>16.0f}{reused}")
+    if any(st.get("reused") for st in results["stages"].values()):
+        lines.append("(reused: a later run found the stage done; time and memory are those of the run that did it)")
     return "\n".join(lines)

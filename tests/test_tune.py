@@ -152,7 +152,7 @@ def test_interrupted_search_resumes(tmp_path: Path) -> None:
     assert proc.poll() is None, "search ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "interrupted" in err and "rerun the same command" in err
+    assert proc.returncode == 130 and "interrupted" in err and "rerun the same command" in err
 
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 
 import ray
 
@@ -19,7 +21,13 @@ def ensure_ray(cfg: Config) -> None:
     check_address(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     # A local start binds the dashboard and job server to 127.0.0.1 (Ray's default, stated here so it stays so).
     local = cfg.ray.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
+    main = threading.current_thread() is threading.main_thread()
+    term = signal.getsignal(signal.SIGTERM) if main else None
     ray.init(address=cfg.ray.address, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}, **({"dashboard_host": "127.0.0.1"} if local else {}))
+    if callable(term):
+        # ray.init replaces SIGTERM's handler (sys.exit, behind a C-level crash handler that ends in SIGABRT): keep
+        # the caller's, so the CLI stops a Ray run on SIGTERM as on Ctrl-C (actors killed, one line, exit 143).
+        signal.signal(signal.SIGTERM, term)
 
 
 def check_address(address: str | None, timeout_s: float = 3.0) -> None:
@@ -50,3 +58,24 @@ def use_gpu(cfg: Config) -> bool:
 def threads_for(cpus: float) -> int:
     """torch intra-op threads for a worker reserving `cpus` CPUs (at least one)."""
     return max(1, int(cpus))
+
+
+def check_fits(count: int, bundle: dict[str, float], what: str, keys: tuple[str, ...], at_least: int | None = None) -> int:
+    """How many of `count` units asking `bundle` each (e.g. {"CPU": 1, "GPU": 1}) the cluster's live nodes can hold
+    at once, by their total resources; raises one line when that is fewer than `at_least` (default: all of them).
+
+    A unit never spans nodes, so a node with 3 CPUs holds one 2-CPU unit, not 1.5. Resources other work holds now
+    are not counted against it: those come free again, whereas a request over the total would wait for ever."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    ask = {k: v for k, v in bundle.items() if v > 0}
+    fits = sum(min(int((res.get(k, 0.0) + 1e-9) // v) for k, v in ask.items()) for res in nodes) if ask else count
+    need = count if at_least is None else at_least
+    if fits < need:
+        each = ", ".join(f"{v:g} {k}" for k, v in ask.items())
+        has = ", ".join(f"{sum(r.get(k, 0.0) for r in nodes):g} {k}" for k in ask)
+        largest = ", ".join(f"{max((r.get(k, 0.0) for r in nodes), default=0.0):g} {k}" for k in ask)
+        raise RuntimeError(
+            f"{what}: {count} x ({each}) asked, but the Ray cluster can hold {'not even one' if fits == 0 else fits} at "
+            f"once (it has {has} on {len(nodes)} node(s), at most {largest} on one); lower {' or '.join(keys)}, or add nodes"
+        )
+    return min(count, fits)

@@ -19,6 +19,7 @@ batch without that effect.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections import deque
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from ray.exceptions import RayActorError
 
 from sre2l_ray.config import Config
 from sre2l_ray.data.synthetic import SyntheticStore
-from sre2l_ray.distributed.cluster import ensure_ray, threads_for, use_gpu
+from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
 from sre2l_ray.pipeline import ShardRecoverer
 from sre2l_ray.stages.recover import Shard
 
@@ -70,7 +71,16 @@ def recover_on_actors(
             # A recovery batch travels with its own real images (recipes that start from or select them).
             in_flight[actor.run.remote(shard, attempt, **inputs(shard))] = (actor, shard, attempt)
 
-    actors = [spawn() for _ in range(min(cfg.ray.num_actors, len(todo)))]
+    # Every actor holds its CPUs (and GPU) for its whole life, so one that the cluster cannot place would keep its
+    # shard pending for ever: start only as many as fit at once (at least one must), the queue spreads the rest.
+    want = min(cfg.ray.num_actors, len(todo))
+    bundle = {"CPU": cfg.ray.cpus_per_actor, **({"GPU": 1} if gpu else {})}
+    keys = ("ray.cpus_per_actor", *(("ray.use_gpu=false",) if gpu else ()))
+    n = check_fits(want, bundle, "recovery actors", keys, at_least=1)
+    if n < want:
+        print(f"recover: the cluster holds {n} of ray.num_actors={cfg.ray.num_actors} recovery actors at once; "
+              f"running {n}", file=sys.stderr)
+    actors = [spawn() for _ in range(n)]
     try:
         for actor in actors:
             hand_out(actor)

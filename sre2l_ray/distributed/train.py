@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from torch import nn
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config
 from sre2l_ray.data.datasets import ImageSet
-from sre2l_ray.distributed.cluster import ensure_ray, threads_for, use_gpu
+from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
 from sre2l_ray.runtime import resolve_device, set_threads
 from sre2l_ray.stages import relabel, squeeze
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
@@ -184,6 +186,57 @@ def _precomputed_loss(cfg: Config, data: ImageSet, teacher: nn.Module, where: di
     return loss
 
 
+class _Trainer(TorchTrainer):
+    """A TorchTrainer that leaves Ctrl-C to the caller.
+
+    Ray Train 2.60's fit() installs a SIGINT handler that only asks the controller to abort, exits 0 if that fails,
+    and stays installed after fit() returns: Ctrl-C during any later stage printed "Gracefully aborting the training
+    run" and the pipeline carried on. Here the handler is not installed (the controller is kept to abort it when the
+    caller's KeyboardInterrupt unwinds through fit), and `_fit` restores whatever SIGINT handler was in force in case
+    a Ray version installs one elsewhere."""
+
+    controller = None
+
+    def _register_sigint_handler(self, controller) -> None:  # overrides Ray's (private, 2.60)
+        self.controller = controller
+
+
+def _abort(controller) -> None:
+    """Stop a Train run whose driver was interrupted: the controller aborts its worker group and exits."""
+    if controller is None:
+        return
+    try:
+        ray.get(controller.abort.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - the controller exits inside abort(), so the call usually ends in an actor error
+        pass
+
+
+def _fit(trainer: _Trainer, run_name: str, cfg: Config) -> Any:
+    """trainer.fit() with the caller's SIGINT handler kept (also on error) and failures turned into one line."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        _abort(trainer.controller)
+        raise
+    except Exception as err:  # TrainingFailedError and friends: keep the cause, name the way out
+        cause = getattr(err, "controller_failure", None) or err
+        if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
+            tries = cfg.ray.max_failures + 1
+            raise RuntimeError(
+                f"Ray Train run '{run_name}' could not start its {cfg.ray.num_workers} worker(s) "
+                f"({cfg.ray.cpus_per_worker} CPU each) in {tries} tr{'y' if tries == 1 else 'ies'}: the cluster is busy "
+                "or lost a node; free resources, lower ray.num_workers or ray.cpus_per_worker, or raise "
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (seconds per try, default 60)"
+            ) from err
+        raise RuntimeError(f"Ray Train run '{run_name}' failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                           "rerun to resume from its last checkpoint") from err
+    finally:
+        if main and previous is not None and signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _storage_path(cfg: Config) -> str:
     if cfg.ray.storage_path and "://" in cfg.ray.storage_path:
         return cfg.ray.storage_path
@@ -213,7 +266,9 @@ def run_training(
         os.environ[POLL_ENV] = str(cfg.ray.poll_interval_s)
     gpu = use_gpu(cfg)
     resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
-    trainer = TorchTrainer(
+    # A request the cluster can never hold would otherwise retry the worker group start every minute, for ever.
+    check_fits(cfg.ray.num_workers, resources, "Ray Train workers", ("ray.num_workers", "ray.cpus_per_worker", *(("ray.use_gpu=false",) if gpu else ())))
+    trainer = _Trainer(
         _train_loop,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"), "kind": kind, "cpus": cfg.ray.cpus_per_worker,
@@ -228,14 +283,13 @@ def run_training(
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(
             name=run_name, storage_path=_storage_path(cfg),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            # Worker group starts that time out (busy cluster, lost node) count as controller failures, which Ray
+            # retries without limit by default: bound them by the same budget as worker failures.
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    try:
-        result = trainer.fit()
-    except Exception as err:  # TrainingFailedError and friends: keep the cause, name the way out
-        raise RuntimeError(f"Ray Train run '{run_name}' failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); rerun to resume from its last checkpoint") from err
+    result = _fit(trainer, run_name, cfg)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run '{run_name}' finished without a checkpoint; delete {_storage_path(cfg)}/{run_name} and rerun")
     with result.checkpoint.as_directory() as d:

@@ -322,8 +322,10 @@ def run_tune(cfg: Config) -> dict[str, Any]:
             if tracker.enabled:
                 close_orphan_runs(base["tracking"]["uri"], cfg.tracking.experiment, tracker.run_id())
         unfinished = _unfinished(path, _expected_trials(cfg, space))
-        if unfinished:  # Ctrl-C: Tune saved its state and returned early; a best config now would be premature
-            raise RuntimeError(f"search interrupted with {unfinished} trial(s) unfinished; rerun the same command to resume it")
+        if unfinished:
+            # Ctrl-C (or SIGTERM, which the CLI routes to Tune's SIGINT handler): Tune saved its state and returned
+            # early; a best config now would be premature. Raised as the interrupt it is, so the CLI exits 130/143.
+            raise KeyboardInterrupt(f"search interrupted with {unfinished} trial(s) unfinished; rerun the same command to resume it")
         best = grid.get_best_result(metric=METRIC, mode="max", scope="last")
         best_cfg = apply_params(cfg.model_dump(mode="json"), space, best.config)
         best_path = root / "best.yaml"
