@@ -54,7 +54,8 @@ class DataConfig(_Group):
     download: bool = True
     """Let torchvision download when the files are missing (needs internet)."""
     num_workers: StrictInt = Field(0, ge=0)
-    """DataLoader workers for folder datasets; tensors-in-memory datasets ignore it."""
+    """Threads that decode an encoded split (imagefolder, shards) into memory; 0 decodes in the calling thread.
+    torchvision's tensor datasets (already pixels) ignore it."""
     val_limit: StrictInt | None = Field(None, ge=1)
     """Evaluate on only the first N validation images (quick checks); None = the whole split."""
     train_limit: StrictInt | None = Field(None, ge=1)

@@ -66,3 +66,30 @@ def test_image_folder_loads_and_bad_inputs_are_named(tmp_path: Path) -> None:
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(DatasetError, match="has no class folders"):
         load_split(DataConfig(name="imagefolder", root=str(tmp_path / "empty")), train=True)
+
+
+def test_num_workers_decodes_an_image_folder_on_threads_with_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.num_workers is read: the split decodes on that many threads, image for image the same as in one thread,
+    and a corrupt image still fails in one line naming it."""
+    import threading
+
+    from sre2l_ray.data import datasets
+
+    _folder(tmp_path)
+    serial = load_split(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16), train=True)
+    threads: set[str] = set()
+    real_decode = datasets.decode_image
+
+    def recording(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "decode_image", recording)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, num_workers=2)
+    pooled = load_split(cfg, train=True)
+    assert torch.equal(pooled.images, serial.images) and torch.equal(pooled.labels, serial.labels)
+    assert threads and all(name.startswith("sre2l-decode") for name in threads)
+    good = (tmp_path / "train" / "dog" / "1.jpg").read_bytes()
+    (tmp_path / "train" / "dog" / "1.jpg").write_bytes(good[: len(good) // 3])
+    with pytest.raises(DatasetError, match="corrupt or truncated image '.*dog/1.jpg'"):
+        load_split(cfg, train=True)

@@ -9,8 +9,10 @@ import re
 import shutil
 import struct
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -216,13 +218,31 @@ def decode_image(data: bytes, where: str, size: int, channels: int, max_pixels: 
     return TF.center_crop(img, [size, size])
 
 
+def decode_images(read: Callable[[int], tuple[bytes, str]], count: int, size: int, channels: int, max_pixels: int, workers: int = 0) -> torch.Tensor:
+    """Decode `count` encoded images into uint8 [count, C, size, size]; `read(i)` gives image i's bytes and where they
+    came from (for errors). `workers` > 0 reads and decodes on that many threads (data.num_workers): torchvision's
+    decoders and resize run in C++ without the GIL, so an ImageNet-sized folder decodes about `workers` times faster.
+    The result is the same either way; the first corrupt image (in order) raises."""
+    images = torch.empty((count, channels, size, size), dtype=torch.uint8)
+
+    def one(i: int) -> None:
+        data, where = read(i)
+        images[i] = decode_image(data, where, size, channels, max_pixels)
+
+    if workers > 0 and count > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sre2l-decode") as pool:
+            for _ in pool.map(one, range(count)):  # consumed in order, so the first error is the first bad image's
+                pass
+    else:
+        for i in range(count):
+            one(i)
+    return images
+
+
 def _folder_split(cfg: DataConfig, train: bool, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     split_dir = Path(cfg.root) / (cfg.train_dir if train else cfg.val_dir)
     classes, items = scan_image_folder(split_dir)
-    channels = 3
-    images = torch.empty((len(items), channels, size, size), dtype=torch.uint8)
-    for i, (path, _) in enumerate(items):
-        images[i] = decode_image(path.read_bytes(), str(path), size, channels, cfg.max_image_pixels)
+    images = decode_images(lambda i: (items[i][0].read_bytes(), str(items[i][0])), len(items), size, 3, cfg.max_image_pixels, cfg.num_workers)
     labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
     return images, labels, classes
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS, DataConfig
-from sre2l_ray.data.datasets import DatasetError, decode_image, header_problem, scan_image_folder
+from sre2l_ray.data.datasets import DatasetError, decode_images, header_problem, scan_image_folder
 from sre2l_ray.data.synthetic import atomic_write_json
 
 FORMAT = "sre2l-shards/1"
@@ -319,9 +319,7 @@ def load_shard_split(cfg: DataConfig, train: bool, size: int, rows: np.ndarray |
         if len(found) != len(np.unique(rows)):
             raise DatasetError(f"shards at '{cfg.root}' lack {len(np.unique(rows)) - len(found)} requested row(s) of '{split}'; rerun `sre2l shard`")
         table = table.take(pa.array(np.searchsorted(found, rows)))
-    images = torch.empty((table.num_rows, 3, size, size), dtype=torch.uint8)
-    paths = table.column("path").to_pylist()
-    for i, data in enumerate(table.column("image").to_pylist()):
-        images[i] = decode_image(data, f"{split}/{paths[i]}", size, 3, cfg.max_image_pixels)
+    paths, blobs = table.column("path").to_pylist(), table.column("image").to_pylist()
+    images = decode_images(lambda i: (blobs[i], f"{split}/{paths[i]}"), table.num_rows, size, 3, cfg.max_image_pixels, cfg.num_workers)
     labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.long)
     return images, labels, list(classes)
