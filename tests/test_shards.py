@@ -136,6 +136,29 @@ def test_cli_shard_on_ray_then_stream_with_ray_data(folders: dict[str, Path], tm
 
 
 @pytest.mark.ray
+def test_streamed_views_derive_from_the_seed_and_epoch(folders: dict[str, Path], tmp_path: Path, ray_local) -> None:
+    """Every random draw of the training stream (unit order, each image's crop and flip) comes from the config seed and
+    the epoch: a second Dataset with the same seed gives the same views epoch by epoch, epochs differ, seeds differ."""
+    from sre2l_ray.distributed.data import iter_image_batches, make_shard_dataset
+
+    shard_image_folder(folders["fm"], tmp_path / "s", shard_mb=0.01)
+    cfg = DataConfig(name="shards", root=str(tmp_path / "s"), image_size=20)
+
+    def epochs(seed: int, n: int = 2) -> list[torch.Tensor]:
+        ds = make_shard_dataset(cfg, train=True, batch_size=8, seed=seed)
+        out = []
+        for _ in range(n):  # each pass is one execution of the Dataset, i.e. one epoch
+            xs, idx = zip(*((x, i) for x, _, i in iter_image_batches(ds, 8)))
+            x, i = torch.cat(xs), torch.cat(idx)
+            out.append(x[i.argsort()])  # by image: which task delivers a unit first follows timing
+        return out
+
+    a, b, c = epochs(3), epochs(3), epochs(4, 1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], c[0])
+
+
+@pytest.mark.ray
 def test_cli_shard_reports_a_decompression_bomb(folders: dict[str, Path], tmp_path: Path, ray_local, capsys) -> None:
     """A PNG whose header claims 50000 x 50000 pixels crashed every Ray worker that decoded it (WorkerCrashedError
     traceback); now it is a corrupt image like any other: skipped and listed in report.json by path, or --strict."""

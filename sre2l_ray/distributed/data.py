@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
+from ray.data import DataContext, RandomSeedConfig
 
 from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS, AugmentConfig, DataConfig
 from sre2l_ray.data.datasets import STATS, DatasetError, decode_image, header_problem
@@ -53,16 +54,19 @@ def _rrc_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, flo
 
 def decode_augment(
     batch: dict[str, np.ndarray], size: int, aug: dict[str, Any] | None, max_pixels: int = PIL_MAX_IMAGE_PIXELS,
+    seed: int = 0, epoch: int = 0,
 ) -> dict[str, np.ndarray]:
     """Encoded bytes -> uint8 [B, 3, size, size]: random resized crop + flip when `aug`, else resize + centre crop.
-    A header claiming more than `max_pixels` pixels is a corrupt image, refused before decoding."""
+    A header claiming more than `max_pixels` pixels is a corrupt image, refused before decoding.
+
+    Each row's crop and flip are drawn from its own generator seeded by (seed, epoch, the row's `index`): the same
+    config gives the same views of an image in a given epoch on any number of workers, in any order of tasks."""
     from torchvision.io import ImageReadMode, decode_image as tv_decode
     from torchvision.transforms.v2 import functional as TF
 
     torch.set_num_threads(1)  # Ray Data runs several of these per node; one thread each avoids oversubscription.
-    rng = np.random.default_rng()  # fresh OS entropy per batch: workers and epochs draw different crops
     out = np.empty((len(batch["image"]), 3, size, size), dtype=np.uint8)
-    for i, (data, path) in enumerate(zip(batch["image"], batch["path"])):
+    for i, (data, path, index) in enumerate(zip(batch["image"], batch["path"], batch["index"])):
         if aug is None:
             out[i] = decode_image(data, str(path), size, 3, max_pixels).numpy()
             continue
@@ -73,6 +77,7 @@ def decode_augment(
             img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as err:
             raise DatasetError(f"corrupt image '{path}' in shards ({str(err).strip()[:80]}); reshard with `sre2l shard`") from None
+        rng = np.random.default_rng((seed, epoch, int(index)))
         top, left, ch, cw = _rrc_box(img.shape[-2], img.shape[-1], aug["crop_scale"], aug["crop_ratio"], rng)
         img = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
         if aug["flip"] and rng.random() < 0.5:
@@ -111,17 +116,21 @@ def _read_rows(files: list[str], starts: np.ndarray, first: int, count: int) -> 
 
 def _read_decode(
     units: dict[str, np.ndarray], files: list[str], starts: np.ndarray, size: int, aug: dict[str, Any] | None,
-    keep: np.ndarray | None, max_pixels: int = PIL_MAX_IMAGE_PIXELS,
+    keep: np.ndarray | None, max_pixels: int = PIL_MAX_IMAGE_PIXELS, seed: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One task: read and decode its units in turn, one decode call and one output batch per unit (`keep`: only rows
     with these `index` values, dropped before decoding)."""
+    # The epoch is the Dataset's execution count: Ray Data copies the Dataset's context (its `_execution_idx`, 0 on
+    # the first execution, then +1 after each one that finishes) into every task it runs for that execution. Private
+    # in Ray 2.60, the same counter its own seeded randomize_block_order uses (RandomSeedConfig).
+    epoch = int(getattr(DataContext.get_current(), "_execution_idx", 0))
     wanted = None if keep is None else pa.array(keep)
     for first, count in zip(units["first"], units["rows"]):
         table = _read_rows(files, starts, int(first), int(count))
         if wanted is not None:
             table = table.filter(pc.is_in(table.column("index"), value_set=wanted))
         if table.num_rows:
-            yield decode_augment({c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}, size, aug, max_pixels)
+            yield decode_augment({c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}, size, aug, max_pixels, seed, epoch)
 
 
 def _plan_units(total: int, workers: int, unit_rows: int) -> tuple[list[dict[str, int]], int]:
@@ -136,13 +145,15 @@ def _plan_units(total: int, workers: int, unit_rows: int) -> tuple[list[dict[str
 
 def make_shard_dataset(
     data: DataConfig, train: bool, aug: AugmentConfig | None = None, size: int | None = None, batch_size: int = 64,
-    concurrency: int | None = None, rows: np.ndarray | None = None,
+    concurrency: int | None = None, rows: np.ndarray | None = None, seed: int = 0,
 ) -> ray.data.Dataset:
     """A streaming Dataset of decoded views of data.root/<train_dir|val_dir> shards (local folder or URI).
 
     Training views get `aug` (default AugmentConfig()) and a new order of units (see UNIT_ROWS) every epoch;
     evaluation views are resized and centre-cropped. `rows` (values of the `index` column, e.g. from
-    data.datasets.shard_rows) keeps only those rows, dropped before decoding. Images are decoded and leave one unit
+    data.datasets.shard_rows) keeps only those rows, dropped before decoding. Every random draw (the order of units,
+    each image's crop and flip) derives from `seed` and the epoch (the Dataset's execution count), never from OS
+    entropy; which worker gets which unit, and the order blocks arrive in, still follow task timing. Images are decoded and leave one unit
     (at least `batch_size` rows) at a time, so a consumer batch of that size spans at most two blocks. `concurrency`
     caps the read + decode tasks running at once (default: as many as there are free CPUs).
     """
@@ -162,7 +173,8 @@ def make_shard_dataset(
     units, per_task = _plan_units(sum(counts), workers, max(UNIT_ROWS, batch_size))
     ds = ray.data.from_items(units, override_num_blocks=len(units))  # one unit per block, so tasks take whole units
     if train:
-        ds = ds.randomize_block_order()  # no seed: a new unit order on every execution, i.e. every epoch
+        # A new unit order on every execution (epoch), drawn from (seed, execution count).
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     # Settings of this Dataset's own DataContext copy (from_items made it), not the process-wide one:
     # - each decoded unit is one single-chunk output block (a unit is within (target, 1.5 target]: emitted as is, not
     #   merged with the next or split). Merged 128 MiB blocks of several chunks made the consumer's batcher copy every
@@ -174,7 +186,7 @@ def make_shard_dataset(
     aug_kw = (aug or AugmentConfig()).model_dump() if train else None
     fn_kwargs = {
         "files": files, "starts": np.cumsum([0, *counts]), "size": size, "aug": aug_kw,
-        "keep": None if rows is None else np.asarray(rows, dtype=np.int64), "max_pixels": data.max_image_pixels,
+        "keep": None if rows is None else np.asarray(rows, dtype=np.int64), "max_pixels": data.max_image_pixels, "seed": seed,
     }
     return ds.map_batches(
         _read_decode, fn_kwargs=fn_kwargs, batch_size=per_task, batch_format="numpy",

@@ -256,7 +256,7 @@ def run_training(
 
         size = stream["shape"]["size"]
         datasets = {
-            "train": make_shard_dataset(cfg.data, True, cfg.squeeze.augment, size, cfg.squeeze.batch_size, rows=stream["train_rows"]),
+            "train": make_shard_dataset(cfg.data, True, cfg.squeeze.augment, size, cfg.squeeze.batch_size, rows=stream["train_rows"], seed=cfg.seed),
             "val": make_shard_dataset(cfg.data, False, size=size, batch_size=cfg.evaluate.batch_size, rows=stream["val_rows"]),
         }
         # Each worker trains on its share of train; rank 0 scores the whole val set.
