@@ -145,8 +145,10 @@ def interrupted(prog: str = "sre2l") -> int:
     return 128 + (_received[-1] if _received else signal.SIGINT)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sre2l", description="SRe2L dataset condensation on Ray")
+def main(argv: list[str] | None = None, prog: str = "sre2l") -> int:
+    """The command line; `prog` names the program in usage, one-line errors and the output_dir lock (the Ray job
+    entrypoints in jobs/ call this with their own file name)."""
+    parser = argparse.ArgumentParser(prog=prog, description="SRe2L dataset condensation on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -181,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         ns.args = list(getattr(ns, "args", [])) + stray
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with signals_as_interrupts():
-        return _run(ns, argv)
+        return _run(ns, argv, prog)
 
 
-def _run(ns: argparse.Namespace, argv: list[str] | None) -> int:
+def _run(ns: argparse.Namespace, argv: list[str] | None, prog: str = "sre2l") -> int:
     try:
         if ns.command == "shard":
             return _shard(ns)
@@ -197,24 +199,24 @@ def _run(ns: argparse.Namespace, argv: list[str] | None) -> int:
         from sre2l_ray.rundir import hold
 
         # One run per output_dir at a time: a second one would interleave its writes with this one's.
-        with hold(cfg.output_dir, " ".join(["sre2l", *(sys.argv[1:] if argv is None else argv)])):
+        with hold(cfg.output_dir, " ".join([prog, *(sys.argv[1:] if argv is None else argv)])):
             COMMANDS[ns.command][0](cfg)
     except KeyboardInterrupt:
-        return interrupted()
+        return interrupted(prog)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
         # A stage that turned the interrupt into its own error (Tune's "search interrupted") still exits as one.
-        return interrupted() if _received else _error(str(err))
+        return interrupted(prog) if _received else _error(str(err), prog)
     except OSError as err:  # disk full, read-only or not-a-folder output: outputs are written atomically, so none is half-written
         where = f" '{err.filename}'" if err.filename else ""
         return _error(f"{err.strerror or err}{where}; free disk space or make output_dir a writable folder "
-                      "(and data.root readable), then rerun to resume")
+                      "(and data.root readable), then rerun to resume", prog)
     return 0
 
 
-def _error(message: str) -> int:
+def _error(message: str, prog: str = "sre2l") -> int:
     """Print the one-line error on a line of its own: close the progress bars the failure interrupted first."""
     _close_bars()
-    print(f"sre2l: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
 
 

@@ -216,3 +216,19 @@ def test_unreachable_ray_address_fails_fast(capsys, tmp_path: Path, address: str
     assert rc == 2 and expect in lines[-1] and lines[-1].startswith("sre2l: error:"), lines[-3:]
     assert time.perf_counter() - t0 < 20, "fails in seconds, not after Ray's minutes of retries"
     assert not ray.is_initialized()
+
+
+def test_job_entrypoints_are_the_cli_with_their_own_name(tmp_path: Path) -> None:
+    """jobs/<stage>.py runs the CLI's own subcommand (no second dispatch): a bad input is its one line, named after
+    the job file, exit 2; `--help` shows the CLI's own options (recipes, overrides)."""
+    env_args = [f"output_dir={tmp_path / 'out'}", f"data.root={ROOT / 'data'}", "tracking.enabled=false", "ray.enabled=false"]
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "recover.py"), "--config", TINY, *env_args],
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1].startswith("jobs/recover.py: error: no teacher at"), r.stderr[-2000:]
+    assert not any(line.startswith("Traceback") for line in lines)
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "squeeze.py"), TINY, *env_args, "recover.ipc=0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("jobs/squeeze.py: error: config key 'recover.ipc'"), r.stderr[-2000:]
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "jobs/tune.py tune" in r.stdout and "CONFIG.yaml" in r.stdout
