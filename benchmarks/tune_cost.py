@@ -66,7 +66,7 @@ def main() -> int:
         # One search of the same N points (grid), Ray start-up included.
         import ray
 
-        from sre2l_ray.distributed.tune import run_tune
+        from sre2l_ray.pipeline import run_tune
 
         t0 = time.perf_counter()
         ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)

@@ -79,7 +79,7 @@ def main() -> int:
 
     import ray
 
-    from sre2l_ray.distributed.tune import run_tune
+    from sre2l_ray.pipeline import run_tune
     from sre2l_ray.pipeline import run_pipeline
 
     t0 = time.perf_counter()

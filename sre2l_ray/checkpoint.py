@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from sre2l_ray.data.synthetic import atomic_write_bytes
+from sre2l_ray.io import atomic_write_bytes
 
 
 def save_checkpoint(path: str | Path, **state: Any) -> None:

@@ -64,7 +64,8 @@ COMMANDS: dict[str, tuple[Callable[[Config], object], str]] = {
 
 
 def _tune(cfg: Config) -> object:
-    from sre2l_ray.distributed.tune import run_tune, tune_table
+    from sre2l_ray.distributed.tune import tune_table
+    from sre2l_ray.pipeline import run_tune
 
     result = run_tune(cfg)
     print(tune_table(result))

@@ -14,7 +14,6 @@ in `distributed/` instead of running in this process. Outputs:
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,17 +24,26 @@ from tqdm.auto import tqdm
 
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config, to_yaml
-from sre2l_ray.data.datasets import ImageSet, check_subset_fits, load_split, real_subsets, to_uint8
-from sre2l_ray.data.synthetic import SyntheticStore, atomic_write_bytes, atomic_write_json, sweep_stale_temps
+from sre2l_ray.data.datasets import ImageSet, check_subset_fits, load_split, real_subsets
+from sre2l_ray.data.synthetic import SyntheticStore
+from sre2l_ray.io import atomic_write_bytes, atomic_write_json, sweep_stale_temps
 from sre2l_ray.models import create_model
+from sre2l_ray.recovery import (
+    BatchInputs,
+    RealImages,
+    batch_inputs,
+    ensure_class_stats,
+    needs_real_images,
+    recover_local,
+    recovery_plan,
+    synthetic_store,
+)
 from sre2l_ray.rundir import CONDENSED, check_config
 from sre2l_ray.runtime import StageStats, measure, resolve_device, set_threads
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches, improvement_over_random, summarize_seeds
-from sre2l_ray.recovery import RealImages, batch_inputs, ensure_class_stats, load_class_stats, needs_real_images, recovery_plan
-from sre2l_ray.stages.recover import BNStatHooks, Shard, prepare_teacher, recover_shard
-from sre2l_ray.stages.select import select_class
-from sre2l_ray.stages.relabel import freeze, train_student
+from sre2l_ray.stages.relabel import train_student
 from sre2l_ray.stages.squeeze import train_teacher
+from sre2l_ray.teacher import kept_teacher_path, load_teacher, teacher_meta, teacher_path
 from sre2l_ray.tracking import Tracker
 
 STAGES = ("squeeze", "recover", "relabel", "evaluate")
@@ -103,32 +111,6 @@ def val_scorer(cfg: Config) -> Callable[[nn.Module], dict[str, float]]:
     return score
 
 
-def teacher_path(cfg: Config) -> Path:
-    return out_dir(cfg) / "teacher.pt"
-
-
-def load_teacher(cfg: Config, device: torch.device, path: Path | None = None, labels: bool = False) -> nn.Module:
-    """Rebuild the teacher from teacher.pt (its own saved model config) and freeze it. `labels`: the teacher that gives
-    soft labels, i.e. with relabel.teacher_epoch the weights kept after that epoch (squeeze/teacher-e<N>.pt beside it)."""
-    path = path or teacher_path(cfg)
-    state = load_checkpoint(path)
-    epoch = cfg.relabel.teacher_epoch
-    if labels and epoch is not None and epoch != cfg.squeeze.epochs:
-        state["model"] = load_checkpoint(kept_teacher_path(path.parent, epoch))["model"]
-    m = state["model_config"]
-    model = create_model(m["name"], int(state["num_classes"]), int(state["channels"]), int(state["size"]), depth=m["depth"], width=m["width"])
-    model.load_state_dict(state["model"])
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return freeze(model)
-
-
-def kept_teacher_path(out: Path, epoch: int) -> Path:
-    """Where squeeze keeps the teacher's weights after `epoch` (squeeze.keep_epochs)."""
-    return out / "squeeze" / f"teacher-e{epoch}.pt"
-
-
 def _setup(cfg: Config, sections: tuple[str, ...] = CONDENSED) -> torch.device:
     """Refuse an output_dir holding another condensed set (by the `sections` this stage depends on) before writing
     anything; then record the resolved config, unless it belongs to other recover settings (squeeze reusing a teacher
@@ -186,75 +168,11 @@ def run_squeeze(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]
     return metrics
 
 
-def synthetic_store(cfg: Config, classes: list[str]) -> SyntheticStore:
-    return SyntheticStore(out_dir(cfg), classes, cfg.recover.ipc, cfg.hash("seed", "data", "squeeze", "recover"), cfg.seed)
-
-
-def _teacher_meta(cfg: Config) -> dict[str, Any]:
-    path = teacher_path(cfg)
-    if not path.is_file():
-        raise FileNotFoundError(f"no teacher at '{path}'; run `sre2l squeeze` (or the pipeline) first")
-    return load_checkpoint(path)
-
-
-class ShardRecoverer:
-    """One recovery worker: the frozen teacher with its BN hooks, built once, then any number of recovery batches.
-
-    Used in-process by `recover_local` and as a Ray actor by distributed/recover.py (hence the plain-dict config).
-    `meta["class_stats"]` names the per-class BN statistics file when recover.class_stats_weight > 0.
-    """
-
-    def __init__(self, cfg_dump: dict[str, Any], store: SyntheticStore, meta: dict[str, Any], threads: int | None):
-        from sre2l_ray.data.datasets import STATS
-
-        self.cfg = Config.model_validate(cfg_dump)
-        set_threads(threads)
-        self.device = resolve_device(self.cfg.device)
-        self.store = store
-        self.mean, self.std, _ = STATS[self.cfg.data.name]
-        self.teacher = prepare_teacher(load_teacher(self.cfg, self.device), self.cfg.recover)
-        stats = load_class_stats(Path(meta["class_stats"])) if meta.get("class_stats") else None
-        self.hooks = BNStatHooks(self.teacher, stats, self.cfg.recover.class_stats_weight if stats else 0.0)
-        self.pixels = ImageSet(torch.empty(0), torch.empty(0), store.classes, self.mean, self.std)
-        self.bounds = self.pixels.pixel_bounds(self.device)
-        self.shape = (int(meta["channels"]), int(meta["size"]), int(meta["size"]))
-
-    def run(self, shard: Shard, attempt: int = 1, init: torch.Tensor | None = None, candidates: list[torch.Tensor] | None = None) -> list[dict[str, float]]:
-        """Make one recovery batch's images, write them (marker last), return its loss log. `init`: uint8 start images
-        (recover.init=real); `candidates`: per class of the batch, uint8 real images to select from (method=select)."""
-        targets = shard.targets()
-        if candidates is not None:
-            rc = self.cfg.recover
-            picked = {c: select_class(self.teacher, cand.to(self.device), c, rc.ipc, rc.select, self.cfg.seed, self.pixels.normalize)
-                      for c, cand in zip(shard.classes, candidates)}
-            images, log = torch.stack([picked[c][k] for c, k in targets]), [{"step": 0}]
-        else:
-            start = self.pixels.normalize(init.to(self.device)) if init is not None else None
-            normalised, log = recover_shard(
-                self.teacher, self.hooks, shard, self.cfg.recover, self.cfg.seed, self.bounds, self.shape, self.cfg.channels_last,
-                log_every=100, init=start,
-            )
-            images = to_uint8(normalised, self.mean, self.std)
-        info = {"final_loss": log[-1], "attempt": attempt, "pid": os.getpid()}
-        self.store.write_shard(shard.id, [c for c, _ in targets], [k for _, k in targets], images, info)
-        return log
-
-
-BatchInputs = Callable[[Shard], dict[str, Any]]
-
-
-def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress, inputs: BatchInputs) -> None:
-    """Recover batches one after another in this process."""
-    worker = ShardRecoverer(cfg.model_dump(mode="json"), store, meta, cfg.threads)
-    for shard in todo:
-        progress(shard, worker.run(shard, **inputs(shard)))
-
-
 def run_recover(cfg: Config, tracker: Tracker | None = None) -> Path:
     """Synthesise classes x ipc images; shards already on disk are skipped."""
     tracker = tracker or Tracker(cfg)
     _setup(cfg)
-    meta = _teacher_meta(cfg)
+    meta = teacher_meta(cfg)
     store = synthetic_store(cfg, list(meta["classes"]))
     store.open()
     shards = recovery_plan(int(meta["num_classes"]), cfg)
@@ -400,7 +318,7 @@ def run_relabel(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     """Train the condensed set's students (teacher's soft labels, every evaluation seed); evaluate them on real val."""
     tracker = tracker or Tracker(cfg)
     _setup(cfg)
-    meta = _teacher_meta(cfg)
+    meta = teacher_meta(cfg)
     with measure() as stats:
         condensed = _condensed_set(cfg, meta)
         result = _student_runs(cfg, "condensed", lambda k: condensed, tracker, val_scorer(cfg))
@@ -421,7 +339,7 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     (soft and hard labels) plus the condensed set with hard labels; IOR and HLR over seeds. Writes results.json."""
     tracker = tracker or Tracker(cfg)
     _setup(cfg)
-    meta = _teacher_meta(cfg)
+    meta = teacher_meta(cfg)
     with tracker.run("evaluate", nested=True, log_config=False), measure() as stats:
         score = val_scorer(cfg)
         condensed = _condensed_set(cfg, meta)
@@ -484,6 +402,14 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         tracker.log_metrics(headline_metrics(results["students"], summary))
         tracker.log_metrics({f"teacher_{k}": v for k, v in results["teacher"].items()})
     return results
+
+
+def run_tune(cfg: Config) -> dict[str, Any]:
+    """Ray Tune search over recover/relabel knobs (distributed/tune.py), whose trials run this module's squeeze and
+    recover stages."""
+    from sre2l_ray.distributed.tune import Stages, run_tune as search
+
+    return search(cfg, Stages(run_squeeze, run_recover))
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sre2l_ray.data.synthetic import atomic_write_bytes  # noqa: E402
+from sre2l_ray.io import atomic_write_bytes  # noqa: E402
 
 History = dict[str, list[tuple[int, float]]]
 """metric name -> [(step, value), ...] in logging order."""

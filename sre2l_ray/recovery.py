@@ -8,20 +8,27 @@ the Ray actors alike.
 
 The driver picks the real images (labels only) and reads just those; each recovery batch travels with its own images,
 so a worker never holds a split.
+
+`ShardRecoverer` is the recovery worker itself: run in this process by `recover_local`, and as a Ray actor by
+distributed/recover.py; `synthetic_store` names the condensed set both write.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config
-from sre2l_ray.data.datasets import ImageSet, load_split, train_images, train_labels
-from sre2l_ray.stages.recover import Shard, plan_shards, real_init_indices
-from sre2l_ray.stages.select import candidate_indices
+from sre2l_ray.data.datasets import STATS, ImageSet, load_split, to_uint8, train_images, train_labels
+from sre2l_ray.data.synthetic import SyntheticStore
+from sre2l_ray.runtime import resolve_device, set_threads
+from sre2l_ray.stages.recover import BNStatHooks, Shard, plan_shards, prepare_teacher, real_init_indices, recover_shard
+from sre2l_ray.stages.select import candidate_indices, select_class
+from sre2l_ray.teacher import load_teacher
 
 
 def recovery_plan(num_classes: int, cfg: Config) -> list[Shard]:
@@ -105,3 +112,59 @@ def _train_batches(cfg: Config, labels: torch.Tensor, teacher: torch.nn.Module, 
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, chunk.labels[i : i + batch_size]
+
+
+def synthetic_store(cfg: Config, classes: list[str]) -> SyntheticStore:
+    """The condensed set of this config under output_dir/synthetic (keyed by the sections that decide its images)."""
+    return SyntheticStore(cfg.output_dir, classes, cfg.recover.ipc, cfg.hash("seed", "data", "squeeze", "recover"), cfg.seed)
+
+
+class ShardRecoverer:
+    """One recovery worker: the frozen teacher with its BN hooks, built once, then any number of recovery batches.
+
+    Used in-process by `recover_local` and as a Ray actor by distributed/recover.py (hence the plain-dict config).
+    `meta["class_stats"]` names the per-class BN statistics file when recover.class_stats_weight > 0.
+    """
+
+    def __init__(self, cfg_dump: dict[str, Any], store: SyntheticStore, meta: dict[str, Any], threads: int | None):
+        self.cfg = Config.model_validate(cfg_dump)
+        set_threads(threads)
+        self.device = resolve_device(self.cfg.device)
+        self.store = store
+        self.mean, self.std, _ = STATS[self.cfg.data.name]
+        self.teacher = prepare_teacher(load_teacher(self.cfg, self.device), self.cfg.recover)
+        stats = load_class_stats(Path(meta["class_stats"])) if meta.get("class_stats") else None
+        self.hooks = BNStatHooks(self.teacher, stats, self.cfg.recover.class_stats_weight if stats else 0.0)
+        self.pixels = ImageSet(torch.empty(0), torch.empty(0), store.classes, self.mean, self.std)
+        self.bounds = self.pixels.pixel_bounds(self.device)
+        self.shape = (int(meta["channels"]), int(meta["size"]), int(meta["size"]))
+
+    def run(self, shard: Shard, attempt: int = 1, init: torch.Tensor | None = None, candidates: list[torch.Tensor] | None = None) -> list[dict[str, float]]:
+        """Make one recovery batch's images, write them (marker last), return its loss log. `init`: uint8 start images
+        (recover.init=real); `candidates`: per class of the batch, uint8 real images to select from (method=select)."""
+        targets = shard.targets()
+        if candidates is not None:
+            rc = self.cfg.recover
+            picked = {c: select_class(self.teacher, cand.to(self.device), c, rc.ipc, rc.select, self.cfg.seed, self.pixels.normalize)
+                      for c, cand in zip(shard.classes, candidates)}
+            images, log = torch.stack([picked[c][k] for c, k in targets]), [{"step": 0}]
+        else:
+            start = self.pixels.normalize(init.to(self.device)) if init is not None else None
+            normalised, log = recover_shard(
+                self.teacher, self.hooks, shard, self.cfg.recover, self.cfg.seed, self.bounds, self.shape, self.cfg.channels_last,
+                log_every=100, init=start,
+            )
+            images = to_uint8(normalised, self.mean, self.std)
+        info = {"final_loss": log[-1], "attempt": attempt, "pid": os.getpid()}
+        self.store.write_shard(shard.id, [c for c, _ in targets], [k for _, k in targets], images, info)
+        return log
+
+
+BatchInputs = Callable[[Shard], dict[str, Any]]
+
+
+def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress, inputs: BatchInputs) -> None:
+    """Recover batches one after another in this process."""
+    worker = ShardRecoverer(cfg.model_dump(mode="json"), store, meta, cfg.threads)
+    for shard in todo:
+        progress(shard, worker.run(shard, **inputs(shard)))

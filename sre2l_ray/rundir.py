@@ -25,7 +25,7 @@ import yaml
 from filelock import FileLock, Timeout
 
 from sre2l_ray.config import Config, ConfigError
-from sre2l_ray.data.synthetic import atomic_write_json
+from sre2l_ray.io import atomic_write_json
 
 CONDENSED = ("seed", "data", "squeeze", "recover")
 # What stages leave in output_dir (checkpoints included: in-process squeeze/, Ray Train runs under ray/).

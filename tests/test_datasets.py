@@ -73,18 +73,18 @@ def test_num_workers_decodes_an_image_folder_on_threads_with_the_same_result(tmp
     and a corrupt image still fails in one line naming it."""
     import threading
 
-    from sre2l_ray.data import datasets
+    from sre2l_ray.data import images
 
     _folder(tmp_path)
     serial = load_split(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16), train=True)
     threads: set[str] = set()
-    real_decode = datasets.decode_image
+    real_decode = images.decode_image
 
     def recording(*args, **kwargs):
         threads.add(threading.current_thread().name)
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(datasets, "decode_image", recording)
+    monkeypatch.setattr(images, "decode_image", recording)
     cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, num_workers=2)
     pooled = load_split(cfg, train=True)
     assert torch.equal(pooled.images, serial.images) and torch.equal(pooled.labels, serial.labels)

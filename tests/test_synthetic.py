@@ -45,7 +45,7 @@ def test_temps_left_by_a_killed_writer_are_swept_on_the_next_stage(tmp_path: Pat
     import os
     import time
 
-    from sre2l_ray.data.synthetic import sweep_stale_temps
+    from sre2l_ray.io import sweep_stale_temps
     from sre2l_ray.pipeline import run_squeeze
 
     cfg = tiny_config()

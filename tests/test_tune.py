@@ -17,7 +17,7 @@ SPACE = "tune.space={recover.augment.crop_scale: {grid: [[0.08, 1.0], [0.5, 1.0]
 
 @pytest.fixture(scope="module")
 def search(ray_local, tmp_path_factory: pytest.TempPathFactory):
-    from sre2l_ray.distributed.tune import run_tune
+    from sre2l_ray.pipeline import run_tune
 
     out = tmp_path_factory.mktemp("tune")
     root = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_compare_lists_all_trials(search) -> None:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_rerun_restores_instead_of_searching_again(search, capsys) -> None:
-    from sre2l_ray.distributed.tune import run_tune
+    from sre2l_ray.pipeline import run_tune
 
     cfg, first = search
     again = run_tune(cfg)
@@ -172,7 +172,7 @@ def test_interrupted_search_resumes(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_changed_search_in_same_folder_is_refused(search) -> None:
-    from sre2l_ray.distributed.tune import run_tune
+    from sre2l_ray.pipeline import run_tune
 
     cfg, _ = search
     changed = cfg.model_copy(update={"relabel": cfg.relabel.model_copy(update={"epochs": 7})})

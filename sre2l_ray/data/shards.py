@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 import torch
 
 from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS, DataConfig
-from sre2l_ray.data.datasets import DatasetError, decode_images, header_problem, scan_image_folder
-from sre2l_ray.data.synthetic import atomic_write_json
+from sre2l_ray.data.images import DatasetError, decode_images, header_problem, scan_image_folder
+from sre2l_ray.io import atomic_write_json
 
 FORMAT = "sre2l-shards/1"
 SCHEMA = pa.schema(

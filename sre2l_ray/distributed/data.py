@@ -21,7 +21,8 @@ import torch
 from ray.data import DataContext, RandomSeedConfig
 
 from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS, AugmentConfig, DataConfig
-from sre2l_ray.data.datasets import STATS, DatasetError, decode_image, header_problem
+from sre2l_ray.data.datasets import STATS
+from sre2l_ray.data.images import DatasetError, decode_image, header_problem
 from sre2l_ray.data.shards import check_shards, filesystem
 
 _COLUMNS = ["image", "label", "path", "index"]

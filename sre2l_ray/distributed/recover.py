@@ -30,13 +30,13 @@ from ray.exceptions import RayActorError
 from sre2l_ray.config import Config
 from sre2l_ray.data.synthetic import SyntheticStore
 from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
-from sre2l_ray.pipeline import ShardRecoverer
+from sre2l_ray.recovery import ShardRecoverer
 from sre2l_ray.stages.recover import Shard
 
 ACTOR_PREFIX = "sre2l-recover"
 
 
-# The in-process recovery worker (pipeline.ShardRecoverer), as a Ray actor.
+# The in-process recovery worker (recovery.ShardRecoverer), as a Ray actor.
 RecoverActor = ray.remote(ShardRecoverer)
 
 

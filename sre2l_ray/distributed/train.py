@@ -44,6 +44,7 @@ from sre2l_ray.runtime import resolve_device, set_threads
 from sre2l_ray.stages import relabel, squeeze
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
 from sre2l_ray.stages.training import DataShape, SplitShape, build_model
+from sre2l_ray.teacher import kept_teacher_path, load_teacher
 
 OnEpoch = Callable[[int, dict[str, float]], None]
 FAULT_ENV = "SRE2L_FAULT_FILE"
@@ -106,8 +107,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     elif kind == "squeeze":
         step = lambda epoch: squeeze.squeeze_epoch(cfg, model, opt, sched, data, epoch, rank, world)  # noqa: E731
     else:
-        from sre2l_ray.pipeline import load_teacher
-
         teacher = load_teacher(cfg, device, Path(config["teacher"]), labels=True) if config["teacher"] else None
         loss = relabel.student_loss(cfg, data, teacher)
         if teacher is not None and config.get("soft_labels"):
@@ -134,8 +133,6 @@ def _train_loop(config: dict[str, Any]) -> None:
                 scores = evaluate(net, ray.get(config["val"]), cfg.evaluate.batch_size, cfg.channels_last)
                 metrics.update({f"val_{k}": v for k, v in scores.items()})
         if kind == "squeeze" and rank == 0 and epoch + 1 in cfg.squeeze.keep_epochs:
-            from sre2l_ray.pipeline import kept_teacher_path
-
             net = getattr(model, "module", model)
             save_checkpoint(kept_teacher_path(Path(config["out"]), epoch + 1), model=net.state_dict(), epoch=epoch + 1)
         history.append(metrics)

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import ray
 from filelock import FileLock
@@ -24,8 +24,10 @@ from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from sre2l_ray.config import Config, ConfigError, build_config, to_yaml
-from sre2l_ray.data.synthetic import atomic_write_bytes, atomic_write_json
+from sre2l_ray.io import atomic_write_bytes, atomic_write_json
 from sre2l_ray.distributed.cluster import ensure_ray, threads_for
+from sre2l_ray.recovery import synthetic_store
+from sre2l_ray.teacher import load_teacher, teacher_path
 from sre2l_ray.tracking import Tracker, safe_params
 
 METRIC = "val_top1"
@@ -107,27 +109,31 @@ def _sample(space: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- cached stages
 
 
+class Stages(NamedTuple):
+    """The pipeline's stage functions a search runs (pipeline.run_squeeze, pipeline.run_recover). The caller hands
+    them in (pipeline.run_tune does): the Ray layer sits below pipeline.py and never imports it."""
+
+    squeeze: Callable[[Config, Tracker], Any]
+    recover: Callable[[Config], Any]
+
+
 def _stage_cfg(cfg: Config, folder: Path) -> Config:
     return cfg.model_copy(update={"output_dir": str(folder)})
 
 
-def cached_teacher(cfg: Config, root: Path, tracker: Tracker | None = None) -> Config:
+def cached_teacher(cfg: Config, root: Path, stages: Stages, tracker: Tracker | None = None) -> Config:
     """Train (once per squeeze setting) the teacher under root/stages/teacher-<hash>; returns that stage's config."""
-    from sre2l_ray.pipeline import run_squeeze
-
     folder = root / "stages" / f"teacher-{cfg.hash('seed', 'data', 'squeeze')}"
     folder.mkdir(parents=True, exist_ok=True)
     stage = _stage_cfg(cfg, folder)
     with FileLock(str(folder / ".lock")):
-        run_squeeze(stage, tracker or Tracker(stage))
+        stages.squeeze(stage, tracker or Tracker(stage))
     return stage
 
 
-def cached_recover(cfg: Config, root: Path) -> Config:
+def cached_recover(cfg: Config, root: Path, stages: Stages) -> Config:
     """Recover (once per recover setting) under root/stages/recover-<hash>; concurrent trials wait on a file lock."""
-    from sre2l_ray.pipeline import run_recover, teacher_path
-
-    teacher = teacher_path(cached_teacher(cfg, root))
+    teacher = teacher_path(cached_teacher(cfg, root, stages))
     folder = root / "stages" / f"recover-{cfg.hash('seed', 'data', 'squeeze', 'recover')}"
     folder.mkdir(parents=True, exist_ok=True)
     stage = _stage_cfg(cfg, folder)
@@ -138,18 +144,17 @@ def cached_recover(cfg: Config, root: Path) -> Config:
             except OSError:
                 shutil.copy2(teacher, teacher_path(stage))
         if not (folder / "synthetic_grid.png").is_file():  # written last by run_recover
-            run_recover(stage)
+            stages.recover(stage)
     return stage
 
 
 # ---------------------------------------------------------------- the trial
 
 
-def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], root: str) -> None:
+def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], root: str, stages: Stages) -> None:
     """One trial in a Ray worker: cached teacher + recovered set, then a student reporting val top-1 per epoch."""
     from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
     from sre2l_ray.data.datasets import STATS, load_split
-    from sre2l_ray.pipeline import load_teacher, synthetic_store, teacher_path
     from sre2l_ray.runtime import resolve_device, set_threads
     from sre2l_ray.stages.evaluate import evaluate
     from sre2l_ray.stages.relabel import build_ema, build_student, make_optimizer, relabel_epoch, student_loss
@@ -159,7 +164,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
     cfg = apply_params(base, space, params, output_dir=str(work))
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    stage = cached_recover(cfg, Path(root))
+    stage = cached_recover(cfg, Path(root), stages)
     atomic_write_bytes(work / "config.yaml", to_yaml(cfg).encode())
 
     meta = load_checkpoint(Path(stage.output_dir) / "teacher.pt")
@@ -167,7 +172,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], space: dict[str, Any], 
     data = synthetic_store(stage, list(meta["classes"])).as_image_set(mean, std).to(device)
     val = load_split(cfg.data, train=False)
     # From the teacher's own folder, where squeeze.keep_epochs' weights lie too (relabel.teacher_epoch).
-    teacher = load_teacher(cfg, device, teacher_path(cached_teacher(cfg, Path(root))), labels=True)
+    teacher = load_teacher(cfg, device, teacher_path(cached_teacher(cfg, Path(root), stages)), labels=True)
     student = build_student(cfg, data, device)
     ema = build_ema(cfg, data, device)  # relabel.ema_decay: the weight average is what gets scored
     opt, sched = make_optimizer(cfg, student, len(data))
@@ -282,8 +287,9 @@ def _claim(root: Path, cfg: Config, space: dict[str, Any]) -> None:
     atomic_write_json(path, sig)
 
 
-def run_tune(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) the search; returns best params, best metrics and the path of best.yaml."""
+def run_tune(cfg: Config, stages: Stages) -> dict[str, Any]:
+    """Run (or resume) the search with the pipeline's `stages`; returns best params, best metrics and the path of
+    best.yaml."""
     space = cfg.tune.space or DEFAULT_SPACE
     base = _absolute(cfg)
     root = Path(base["output_dir"]) / "tune"
@@ -304,9 +310,9 @@ def run_tune(cfg: Config) -> dict[str, Any]:
         if tracker.enabled:
             atomic_write_bytes(parent_file, tracker.run_id().encode())
         # One teacher for every trial, trained here before any trial starts (a nested `squeeze` run).
-        cached_teacher(abs_cfg, root, tracker if tracker.enabled else None)
+        cached_teacher(abs_cfg, root, stages, tracker if tracker.enabled else None)
 
-        trainable = tune.with_resources(tune.with_parameters(_trial, base=trial_base, space=space, root=str(root)), {"cpu": cpus})
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=trial_base, space=space, root=str(root), stages=stages), {"cpu": cpus})
         ps = param_space(space, cfg.tune.search)
         storage = cfg.ray.storage_path or str(root / "ray")
         path = os.path.join(storage, EXPERIMENT_NAME) if "://" in storage else str(Path(storage).resolve() / EXPERIMENT_NAME)

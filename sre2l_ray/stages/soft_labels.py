@@ -28,7 +28,7 @@ from torch import nn
 from sre2l_ray.config import AugmentConfig, Config
 from sre2l_ray.data.augment import ViewPlan, plan_views, render_views
 from sre2l_ray.data.datasets import ImageSet
-from sre2l_ray.data.synthetic import atomic_write_json
+from sre2l_ray.io import atomic_write_json
 from sre2l_ray.stages.relabel import student_seed
 from sre2l_ray.stages.training import LossFn
 
