@@ -151,9 +151,11 @@ def main(argv: list[str] | None = None, prog: str = "sre2l") -> int:
     entrypoints in jobs/ call this with their own file name)."""
     parser = argparse.ArgumentParser(prog=prog, description="SRe2L dataset condensation on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
+    verbose_help = "show Ray's, MLflow's and the workers' own log lines on the console (default: <output_dir>/logs/)"
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
+        p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
         p.add_argument("args", nargs="*", help="[CONFIG.yaml ...] (later files override earlier ones) then dotted key=value overrides")
     p = sub.add_parser("config", help="show the resolved config")
     p.add_argument("action", choices=["show"])
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None, prog: str = "sre2l") -> int:
     p.add_argument("--shard-mb", type=float, default=256, help="source bytes per shard (default 256)")
     p.add_argument("--strict", action="store_true", help="fail on corrupt images instead of skipping and reporting them")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help.replace("<output_dir>", "DST"))
     p.add_argument("--max-image-pixels", type=_positive_int, default=PIL_MAX_IMAGE_PIXELS, metavar="N",
                    help=f"images whose header claims more pixels count as corrupt (default {PIL_MAX_IMAGE_PIXELS}, Pillow's)")
     # Overrides may follow options (`config show --config X a.b=1`): collect stray key=value words as overrides.
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None, prog: str = "sre2l") -> int:
 def _run(ns: argparse.Namespace, argv: list[str] | None, prog: str = "sre2l") -> int:
     try:
         if ns.command == "shard":
-            return _shard(ns)
+            with _console(ns.dst, ns.verbose, prog, argv):
+                return _shard(ns)
         cfg = parse_config_args(ns.args, ns.config)
         if ns.command == "config":
             _config_show(cfg)
@@ -201,7 +205,8 @@ def _run(ns: argparse.Namespace, argv: list[str] | None, prog: str = "sre2l") ->
 
         # One run per output_dir at a time: a second one would interleave its writes with this one's.
         with hold(cfg.output_dir, " ".join([prog, *(sys.argv[1:] if argv is None else argv)])):
-            COMMANDS[ns.command][0](cfg)
+            with _console(cfg.output_dir, ns.verbose, prog, argv):
+                COMMANDS[ns.command][0](cfg)
     except KeyboardInterrupt:
         return interrupted(prog)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
@@ -212,6 +217,18 @@ def _run(ns: argparse.Namespace, argv: list[str] | None, prog: str = "sre2l") ->
         return _error(f"{err.strerror or err}{where}; free disk space or make output_dir a writable folder "
                       "(and data.root readable), then rerun to resume", prog)
     return 0
+
+
+def _console(output_dir: str, verbose: bool, prog: str, argv: list[str] | None):
+    """A quiet console (libraries' log lines in <output_dir>/logs/, see logs.py), or with --verbose the libraries'
+    own defaults."""
+    from contextlib import nullcontext
+
+    from sre2l_ray.logs import quiet_console
+
+    if verbose:
+        return nullcontext()
+    return quiet_console(output_dir, " ".join([prog, *(sys.argv[1:] if argv is None else argv)]))
 
 
 def _error(message: str, prog: str = "sre2l") -> int:

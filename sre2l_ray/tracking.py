@@ -126,6 +126,9 @@ def connect(uri: str, experiment: str, artifact_root: str | None = None):
     check_store(uri)
     import mlflow
 
+    from sre2l_ray import logs
+
+    logs.route()  # mlflow's import installed its console handler
     mlflow.set_tracking_uri(uri)
     try:
         client = mlflow.MlflowClient(tracking_uri=uri)

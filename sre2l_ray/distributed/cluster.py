@@ -9,6 +9,7 @@ import threading
 
 import ray
 
+from sre2l_ray import logs
 from sre2l_ray.config import Config
 
 
@@ -23,11 +24,27 @@ def ensure_ray(cfg: Config) -> None:
     local = cfg.ray.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
     main = threading.current_thread() is threading.main_thread()
     term = signal.getsignal(signal.SIGTERM) if main else None
-    ray.init(address=cfg.ray.address, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}, **({"dashboard_host": "127.0.0.1"} if local else {}))
+    logs.route()  # before ray.init, which logs "Started a local Ray instance" through Ray's own console handler
+    ray.init(address=cfg.ray.address, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+             # A quiet console: workers' and actors' output stays in Ray's session logs (<output_dir>/logs/ray).
+             log_to_driver=not logs.is_quiet(), **({"dashboard_host": "127.0.0.1"} if local else {}))
+    if logs.is_quiet():
+        logs.quiet_ray_data()
+        logs.link_ray_session(session_logs())
     if callable(term):
         # ray.init replaces SIGTERM's handler (sys.exit, behind a C-level crash handler that ends in SIGABRT): keep
         # the caller's, so the CLI stops a Ray run on SIGTERM as on Ctrl-C (actors killed, one line, exit 143).
         signal.signal(signal.SIGTERM, term)
+
+
+def session_logs() -> str | None:
+    """This driver's Ray session folder (its logs/ holds every worker's and actor's output), if Ray says."""
+    node = getattr(getattr(ray, "_private", None), "worker", None)
+    node = getattr(node, "_global_node", None)  # private in Ray 2.60; absent in other versions: no link then
+    try:
+        return node.get_session_dir_path() if node is not None else None
+    except Exception:  # noqa: BLE001 - only a convenience link depends on it
+        return None
 
 
 def check_address(address: str | None, timeout_s: float = 3.0) -> None:

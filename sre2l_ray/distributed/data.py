@@ -20,6 +20,7 @@ import ray
 import torch
 from ray.data import DataContext, RandomSeedConfig
 
+from sre2l_ray import logs
 from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS, AugmentConfig, DataConfig
 from sre2l_ray.data.datasets import STATS
 from sre2l_ray.data.images import DatasetError, decode_image, header_problem
@@ -184,6 +185,8 @@ def make_shard_dataset(
     #   (measured on 2 slots), one worker idle. Memory stays bounded by Ray Data's global object-store budget.
     ds.context.target_max_block_size = int(0.8 * units[0]["rows"] * (3 * size * size + 16))  # uint8 RGB + label, index
     ds.context.op_resource_reservation_enabled = False
+    if logs.is_quiet():
+        ds.context.enable_progress_bars = False  # the stage's own bar shows progress
     aug_kw = (aug or AugmentConfig()).model_dump() if train else None
     fn_kwargs = {
         "files": files, "starts": np.cumsum([0, *counts]), "size": size, "aug": aug_kw,

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayActorError
 
+from sre2l_ray import logs
 from sre2l_ray.config import Config
 from sre2l_ray.data.synthetic import SyntheticStore
 from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
@@ -93,7 +94,7 @@ def recover_on_actors(
                 if attempt > cfg.ray.max_failures:
                     raise RuntimeError(
                         f"recovery shard {shard.id} lost its actor {attempt} times (last: {str(err).splitlines()[0][:200]}); "
-                        "check the actor logs, raise ray.max_failures, or rerun to continue"
+                        f"check the actor logs, raise ray.max_failures, or rerun to continue{logs.hint()}"
                     ) from err
                 queue.appendleft((shard, attempt + 1))
                 actors.remove(actor)

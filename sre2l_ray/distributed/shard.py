@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable
 
 import ray
 
+from sre2l_ray import logs
 from sre2l_ray.config import PIL_MAX_IMAGE_PIXELS
 from sre2l_ray.data.datasets import DatasetError
 from sre2l_ray.data.shards import ShardPlan, ShardResult, check_shard_paths, shard_image_folder
@@ -51,6 +52,7 @@ def shard_on_ray(
     """Shard an ImageFolder with Ray tasks; joins `address` (or starts a local Ray) when Ray is not initialised."""
     check_shard_paths(src, dst)  # a wrong source or destination fails in one line before Ray starts
     if not ray.is_initialized():
+        logs.route()
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         return shard_image_folder(src, dst, shard_mb, strict, map_fn=ray_map(cpus_per_task), max_pixels=max_pixels)

@@ -36,6 +36,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
 from torch import nn
 
+from sre2l_ray import logs
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config
 from sre2l_ray.data.datasets import ImageSet
@@ -225,10 +226,10 @@ def _fit(trainer: _Trainer, run_name: str, cfg: Config) -> Any:
                 f"Ray Train run '{run_name}' could not start its {cfg.ray.num_workers} worker(s) "
                 f"({cfg.ray.cpus_per_worker} CPU each) in {tries} tr{'y' if tries == 1 else 'ies'}: the cluster is busy "
                 "or lost a node; free resources, lower ray.num_workers or ray.cpus_per_worker, or raise "
-                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (seconds per try, default 60)"
+                f"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (seconds per try, default 60){logs.hint()}"
             ) from err
         raise RuntimeError(f"Ray Train run '{run_name}' failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                           "rerun to resume from its last checkpoint") from err
+                           f"rerun to resume from its last checkpoint{logs.hint()}") from err
     finally:
         if main and previous is not None and signal.getsignal(signal.SIGINT) is not previous:
             signal.signal(signal.SIGINT, previous)

@@ -23,6 +23,7 @@ from filelock import FileLock
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+from sre2l_ray import logs
 from sre2l_ray.config import Config, ConfigError, build_config, to_yaml
 from sre2l_ray.io import atomic_write_bytes, atomic_write_json
 from sre2l_ray.distributed.cluster import ensure_ray, threads_for
@@ -391,11 +392,39 @@ def _tune_config(cfg: Config, space: dict[str, Any], concurrent: int) -> tune.Tu
                            num_samples=num_samples, max_concurrent_trials=concurrent)
 
 
+class TrialBar(tune.Callback):
+    """One progress bar over the search's trials (finished or failed), in place of Tune's status tables."""
+
+    def __init__(self, total: int):
+        self.total, self.bar = total, None
+
+    def setup(self, **info: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc="tune", unit="trial")
+
+    def _done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._done()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._done()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _run_config(cfg: Config, storage: str, tracker: Tracker, base: dict[str, Any], space: dict[str, Any]) -> tune.RunConfig:
-    callbacks = []
+    callbacks: list[tune.Callback] = []
     if tracker.enabled:
         callbacks.append(TrialRuns(base["tracking"]["uri"], cfg.tracking.experiment, tracker.run_id(), base, space))
-    return tune.RunConfig(name=EXPERIMENT_NAME, storage_path=storage, callbacks=callbacks, verbose=1,
+    if logs.is_quiet():  # the bar instead of Tune's periodic status tables (verbose=1, with --verbose)
+        callbacks.append(TrialBar(_expected_trials(cfg, space)))
+    return tune.RunConfig(name=EXPERIMENT_NAME, storage_path=storage, callbacks=callbacks, verbose=0 if logs.is_quiet() else 1,
                           failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures))
 
 
