@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sre2l_ray.pipeline import _teacher_meta, run_recover, run_squeeze, synthetic_store
+from sre2l_ray.pipeline import run_recover, run_squeeze, synthetic_store
+from sre2l_ray.teacher import teacher_meta
 from sre2l_ray.stages.recover import plan_shards
 
 from conftest import ROOT
@@ -36,7 +37,7 @@ def test_killed_actor_is_replaced_and_every_image_written_once(ray_local, tiny_c
 
     cfg = tiny_config("ray.enabled=false", "recover.classes_per_batch=2", "recover.iterations=40", "ray.num_actors=2", "ray.cpus_per_actor=1")
     run_squeeze(cfg)
-    meta = _teacher_meta(cfg)
+    meta = teacher_meta(cfg)
     store = synthetic_store(cfg, list(meta["classes"]))
     store.open()
     todo = plan_shards(int(meta["num_classes"]), cfg.recover)
