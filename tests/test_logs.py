@@ -16,7 +16,7 @@ def test_library_lines_go_to_the_file_and_everything_is_restored(tmp_path: Path,
     console = logging.StreamHandler(sys.stderr)
     lib.addHandler(console)
     lib.propagate = False
-    before = (list(lib.handlers), lib.propagate, list(logging.getLogger().handlers))
+    before = (set(lib.handlers), lib.propagate, set(logging.getLogger().handlers))
     try:
         with logs.quiet_console(tmp_path / "out", "sre2l test") as folder:
             assert logs.is_quiet() and folder == tmp_path / "out" / "logs"
@@ -32,7 +32,7 @@ def test_library_lines_go_to_the_file_and_everything_is_restored(tmp_path: Path,
         text = (tmp_path / "out" / "logs" / "driver.log").read_text()
         assert "=== sre2l test" in text and "Creating initial MLflow" in text and "Started a local Ray" in text
         assert "a library's deprecation" in text
-        assert (list(lib.handlers), lib.propagate, list(logging.getLogger().handlers)) == before
+        assert (set(lib.handlers), lib.propagate, set(logging.getLogger().handlers)) == before
         assert late in logging.getLogger("ray").handlers
     finally:
         lib.removeHandler(console)
