@@ -78,7 +78,8 @@ def load_runs(uri: str, experiment: str, filter_string: str = "", max_results: i
         if metric is None or metric not in r.data.metrics:
             continue  # nested stage runs, or a run that ended before reporting
         prefix = metric[: -len("top1")]
-        row: dict[str, Any] = {"run": r.info.run_name, "kind": r.data.tags.get("stage", ""), "status": r.info.status}
+        row: dict[str, Any] = {"run": r.info.run_name, "kind": r.data.tags.get("stage", ""), "recipe": r.data.tags.get("recipe"),
+                               "status": r.info.status}
         row.update({col: _value(r.data.params.get(key)) for key, col in COLUMNS.items()})
         row["top1"] = r.data.metrics[metric]
         row["top5"] = r.data.metrics.get(prefix + "top5")
@@ -108,7 +109,8 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
 
 
 def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """top-1 vs IPC (per dataset), vs temperature (per crop scale), vs crop-scale lower bound (per upper bound)."""
+    """top-1 vs IPC (per dataset and recipe; a log axis ticked at the IPCs run), vs temperature (per crop scale), vs
+    crop-scale lower bound (per upper bound); a setting that all runs share gives no plot."""
     from sre2l_ray.plots import accuracy_scatter
 
     def num(v: Any) -> float:
@@ -119,7 +121,8 @@ def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     top1 = [r["top1"] for r in rows]
     plots = [
-        accuracy_scatter([num(r["ipc"]) for r in rows], top1, [str(r["dataset"]) for r in rows], "images per class", out / "acc_vs_ipc.png", log_x=True),
+        accuracy_scatter([num(r["ipc"]) for r in rows], top1, [" ".join(str(r[k]) for k in ("dataset", "recipe") if r.get(k)) for r in rows],
+                         "images per class", out / "acc_vs_ipc.png", log_x=True),
         accuracy_scatter([num(r["temperature"]) for r in rows], top1, [f"crop {r['crop_scale']}" for r in rows], "relabel temperature", out / "acc_vs_temperature.png"),
         accuracy_scatter([crop(r["crop_scale"], 0) for r in rows], top1, [f"upper {crop(r['crop_scale'], 1):g}" for r in rows], "recover crop scale (lower bound)", out / "acc_vs_crop_scale.png"),
     ]

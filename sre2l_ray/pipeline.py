@@ -28,6 +28,7 @@ from sre2l_ray.data.datasets import ImageSet, check_subset_fits, load_split, rea
 from sre2l_ray.data.synthetic import SyntheticStore
 from sre2l_ray.io import atomic_write_bytes, atomic_write_json, sweep_stale_temps
 from sre2l_ray.models import create_model
+from sre2l_ray.recipes import recipe_name, run_title
 from sre2l_ray.recovery import (
     BatchInputs,
     RealImages,
@@ -163,7 +164,7 @@ def run_squeeze(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]
             path, model=model.state_dict(), model_config=cfg.squeeze.model.model_dump(), num_classes=shape.num_classes,
             channels=shape.channels, size=shape.size, classes=list(classes), metrics=metrics, config_hash=key,
         )
-        tracker.log_metrics({f"teacher_{k}": v for k, v in metrics.items()})
+        tracker.log_metrics(teacher_headline(metrics))
     _record_stage(cfg, "squeeze", stats)
     return metrics
 
@@ -211,17 +212,18 @@ def run_recover(cfg: Config, tracker: Tracker | None = None) -> Path:
 
 
 def save_grid(cfg: Config, store: SyntheticStore) -> Path:
-    """PNG grid: one row per class (at most 100 rows), one column per ipc index (at most 20)."""
-    from torchvision.io import encode_png
+    """PNG grid: one row per class (at most 100 rows) with the class name at its start, one column per ipc index (at
+    most 20)."""
     from torchvision.utils import make_grid
+
+    from sre2l_ray.plots import labelled_grid
 
     x, y = store.load()
     keep = (y < 100) & (torch.arange(len(y)) % cfg.recover.ipc < 20)
     cols = min(cfg.recover.ipc, 20)
     grid = make_grid(x[keep], nrow=cols, padding=1, pad_value=255)
-    path = out_dir(cfg) / "synthetic_grid.png"
-    atomic_write_bytes(path, encode_png(grid).numpy().tobytes())
-    return path
+    rows = min(len(store.classes), 100)
+    return labelled_grid(grid, store.classes, rows, out_dir(cfg) / "synthetic_grid.png", cell=int(x.shape[-1]) + 1)
 
 
 STUDENTS = {
@@ -377,9 +379,13 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     return results
 
 
+HEADLINE = ("top1", "top1_std", "top5", "top5_std")
+"""What a student kind contributes to the headline metrics (not its val loss, nor the lr its grid search picked)."""
+
+
 def headline_metrics(students: dict[str, dict[str, Any]], summary: dict[str, Any]) -> dict[str, float]:
-    """Flat MLflow metrics: <kind>_top1 / _top1_std / _top5 (means over seeds), ior_top1 (+ _std), hlr_top1."""
-    out = {f"{kind}_{m}": v for kind, s in students.items() for m, v in s.items() if isinstance(v, float)}
+    """Flat MLflow metrics: <kind>_top1 / _top1_std / _top5 / _top5_std (over seeds), ior_top1 (+ _std), hlr_top1."""
+    out = {f"{kind}_{m}": float(s[m]) for kind, s in students.items() for m in HEADLINE if isinstance(s.get(m), float)}
     out.update({f"{name}_{m}": v for name, part in summary.items() for m, v in part.items() if isinstance(v, float)})
     return out
 
@@ -390,7 +396,8 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     if cfg.evaluate.baselines:
         check_subset_fits(cfg.data, cfg.recover.ipc)
     tracker = Tracker(cfg)
-    with tracker.run("pipeline"):
+    # Named by what it is ("fashion_mnist ipc10 edc"); the stage tag says it is a pipeline.
+    with tracker.run("pipeline", title=run_title(cfg), tags={"recipe": recipe_name(cfg)}):
         run_squeeze(cfg, tracker)
         run_recover(cfg, tracker)
         run_relabel(cfg, tracker)
@@ -400,8 +407,13 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         # Headline numbers on the parent too, so `sre2l compare` finds one row per pipeline.
         summary = {k: results[k] for k in ("ior", "hlr") if k in results}
         tracker.log_metrics(headline_metrics(results["students"], summary))
-        tracker.log_metrics({f"teacher_{k}": v for k, v in results["teacher"].items()})
+        tracker.log_metrics(teacher_headline(results["teacher"]))
     return results
+
+
+def teacher_headline(metrics: dict[str, float]) -> dict[str, float]:
+    """The teacher's val scores as teacher_val_top1 / _top5 / _loss (not its last epoch's training loss or lr)."""
+    return {f"teacher_{k}": v for k, v in metrics.items() if k.startswith("val_")}
 
 
 def run_tune(cfg: Config) -> dict[str, Any]:

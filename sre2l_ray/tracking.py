@@ -159,16 +159,18 @@ class Tracker:
         self._history: list[dict[str, list[tuple[int, float]]]] = []  # one per open run, innermost last
 
     @contextmanager
-    def run(self, name: str, nested: bool = False, log_config: bool = True, run_id: str | None = None) -> Iterator[Tracker]:
-        """A (nested) MLflow run around a block; `run_id` continues an existing run (a resumed search) if it exists."""
+    def run(self, name: str, nested: bool = False, log_config: bool = True, run_id: str | None = None, title: str | None = None,
+            tags: dict[str, Any] | None = None) -> Iterator[Tracker]:
+        """A (nested) MLflow run around a block, tagged `stage`=`name` and shown as `title` (default: `name`);
+        `run_id` continues an existing run (a resumed search) if it exists."""
         if not self.enabled:
             yield self
             return
         mlflow = self._mlflow
         if run_id is not None and not self._exists(run_id):
             run_id = None
-        with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested):
-            mlflow.set_tag("stage", name)
+        with mlflow.start_run(run_id=run_id, run_name=None if run_id else (title or name), nested=nested):
+            mlflow.set_tags({"stage": name, **{k: str(v) for k, v in (tags or {}).items()}})
             if log_config:
                 mlflow.log_params(safe_params(self.cfg))
                 self.log_text(to_yaml(self.cfg), "config.yaml")

@@ -74,3 +74,44 @@ def test_bad_experiment_and_filter_name_the_fix(store: str, tmp_path: Path) -> N
         compare(store, "nope", out=tmp_path)
     with pytest.raises(TrackingError, match="bad --filter"):
         load_runs(store, "cmp", "params.x === 1")
+
+
+def test_plots_join_means_not_runs_tick_the_ipcs_and_skip_a_single_value(tmp_path: Path) -> None:
+    """Runs at one setting are points, the line goes through their mean (no vertical segments); IPC sits on a log axis
+    ticked at the IPCs run; a setting every run shares gives no plot."""
+    from sre2l_ray.plots import accuracy_figure, accuracy_scatter
+
+    ipcs, top1 = [1, 1, 10, 10, 50], [30.0, 34.0, 60.0, 66.0, 80.0]
+    fig = accuracy_figure(ipcs, top1, ["fm"] * 5, "images per class", log_x=True)
+    ax = fig.axes[0]
+    lines = [ln for ln in ax.get_lines() if ln.get_linestyle() not in ("None", "none", "")]
+    assert len(lines) == 1
+    xs, ys = (list(v) for v in lines[0].get_data())
+    assert xs == [1, 10, 50] and ys == [32.0, 63.0, 80.0]  # strictly increasing x: no vertical line
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "10", "50"]
+    assert accuracy_scatter([10, 10], [50.0, 60.0], ["fm", "fm"], "images per class", tmp_path / "one.png", log_x=True) is None
+    assert not (tmp_path / "one.png").exists()
+
+
+def test_grid_picture_names_each_row_and_keeps_pixels_sharp(tmp_path: Path) -> None:
+    """synthetic_grid.png: each class row starts with its name (dark text in the left margin, beside every row), and
+    the images are enlarged by whole pixels (nearest), not blurred."""
+    import torch
+    from torchvision.io import decode_png
+    from torchvision.utils import make_grid
+
+    from sre2l_ray.plots import labelled_grid
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=g)  # 2 classes x 2 images
+    grid = make_grid(images, nrow=2, padding=1, pad_value=255)
+    path = labelled_grid(grid, ["T-shirt/top", "Bag"], rows=2, path=tmp_path / "g.png", cell=13)
+    png = decode_png(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))[:3]
+    scale = 4  # ceil(48 / 13): rows at least ~48 px
+    h, w = grid.shape[1] * scale, grid.shape[2] * scale
+    assert png.shape[1] == h and png.shape[2] > w
+    margin, picture = png[:, :, : png.shape[2] - w], png[:, :, png.shape[2] - w :]
+    assert torch.equal(picture, grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2))
+    for r in range(2):  # text in the margin beside each row
+        band = margin[:, r * h // 2 : (r + 1) * h // 2]
+        assert int((band.float().mean(0) < 128).sum()) > 20

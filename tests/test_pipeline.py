@@ -53,3 +53,17 @@ def test_cli_runs_a_stage_and_reports_bad_config(tiny_run: tuple, capsys: pytest
     assert "condensed+soft" in capsys.readouterr().out
     assert cli.main(["config", "show", "--config", str(ROOT / "configs/tiny.yaml"), "recover.iters=3"]) == 2
     assert "did you mean 'recover.iterations'" in capsys.readouterr().err
+
+
+def test_headline_metrics_are_scores_not_lr_or_training_loss() -> None:
+    """The parent run's headline: each student kind's top-1/top-5 (mean, std), IOR, HLR and the teacher's val scores;
+    not the lr an lr grid picked, a student's val loss, nor the teacher's last training loss and lr."""
+    from sre2l_ray.pipeline import headline_metrics, teacher_headline
+
+    students = {"condensed": {"top1": 60.0, "top1_std": 1.0, "top5": 90.0, "top5_std": 0.5, "loss": 1.2, "loss_std": 0.1, "lr": 0.05, "runs": []}}
+    summary = {"ior": {"top1": 3.0, "top1_std": 0.4}, "hlr": {"top1": 9.0, "full_top1": 80.0, "full_source": "teacher"}}
+    assert headline_metrics(students, summary) == {
+        "condensed_top1": 60.0, "condensed_top1_std": 1.0, "condensed_top5": 90.0, "condensed_top5_std": 0.5,
+        "ior_top1": 3.0, "ior_top1_std": 0.4, "hlr_top1": 9.0, "hlr_full_top1": 80.0,
+    }
+    assert teacher_headline({"loss": 0.9, "lr": 0.001, "val_top1": 80.0, "val_top5": 99.0}) == {"teacher_val_top1": 80.0, "teacher_val_top5": 99.0}

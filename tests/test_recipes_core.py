@@ -325,3 +325,26 @@ def test_train_student_returns_the_ema_and_a_resumed_run_is_identical(tmp_path: 
         train_student(cfg, _toy(), None, device, tmp_path / "resumed", on_epoch=stop_after_two)
     resumed = train_student(cfg, _toy(), None, device, tmp_path / "resumed").state_dict()
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "recipes").glob("*.yaml")))
+def test_each_recipe_file_is_recognised_by_its_name(recipe: str) -> None:
+    """MLflow runs are named after the recipe the knobs match (recipes.py); each configs/recipes/*.yaml over a dataset
+    config is recognised as itself, also with its tuning changed (iterations), and with a knob changed it is not."""
+    from sre2l_ray.config import load_config
+    from sre2l_ray.recipes import recipe_name, run_title
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = [root / "fashion_mnist.yaml", root / "recipes" / f"{recipe}.yaml"]
+    assert recipe_name(load_config(files)) == recipe
+    assert run_title(load_config(files, ["recover.ipc=10", "recover.iterations=7"])) == f"fashion_mnist ipc10 {recipe}"
+    other = "relabel.ema_decay=0.9" if recipe != "edc" else "relabel.ema_decay=null"
+    assert recipe_name(load_config(files, [other])) not in ("sre2l", "cda", "edc", "rded")
+
+
+def test_a_config_off_every_recipe_is_described_compactly() -> None:
+    from sre2l_ray.recipes import recipe_name
+
+    assert recipe_name(build_config({})) == "sre2l"
+    assert recipe_name(build_config({"recover": {"init": "real"}, "relabel": {"ema_decay": 0.99}})) == "real-init+ema0.99"
+    assert recipe_name(build_config({"recover": {"method": "select", "init": "real"}})) == "rded"  # select reads no init

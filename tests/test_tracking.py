@@ -69,6 +69,10 @@ def test_pipeline_tracked_on_server(mlflow_server: str, tiny_config) -> None:
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     assert len(parents) == 1
     parent = parents[0]
+    assert parent.info.run_name == f"fashion_mnist ipc{cfg.recover.ipc} sre2l" and parent.data.tags["recipe"] == "sre2l"
+    # headline metrics only: no training lr or loss of the teacher's last epoch, no lr picked per student kind
+    assert not [k for k in parent.data.metrics if k == "lr" or k.endswith("_lr") or k == "teacher_loss"], parent.data.metrics
+    assert "teacher_val_top1" in parent.data.metrics
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {"squeeze", "recover", "relabel:condensed/seed0", "evaluate"} <= set(children)
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -93,7 +97,7 @@ def test_pipeline_tracked_on_server(mlflow_server: str, tiny_config) -> None:
 
     # `sre2l compare` reads the same server: one row, the pipeline
     rows = load_runs(mlflow_server, "server_test")
-    assert [r["kind"] for r in rows] == ["pipeline"] and rows[0]["ipc"] == cfg.recover.ipc
+    assert [r["kind"] for r in rows] == ["pipeline"] and rows[0]["ipc"] == cfg.recover.ipc and rows[0]["recipe"] == "sre2l"
 
 
 def test_unreachable_server_fails_fast_with_fix(tiny_config, capsys) -> None:

@@ -27,6 +27,7 @@ from sre2l_ray import logs
 from sre2l_ray.config import Config, ConfigError, build_config, to_yaml
 from sre2l_ray.io import atomic_write_bytes, atomic_write_json
 from sre2l_ray.distributed.cluster import ensure_ray, threads_for
+from sre2l_ray.recipes import recipe_name, run_title
 from sre2l_ray.recovery import synthetic_store
 from sre2l_ray.teacher import load_teacher, teacher_path
 from sre2l_ray.tracking import Tracker, safe_params
@@ -307,7 +308,7 @@ def run_tune(cfg: Config, stages: Stages) -> dict[str, Any]:
 
     parent_file = root / "mlflow_parent_run.txt"
     parent_id = parent_file.read_text().strip() if parent_file.is_file() and tracker.enabled else None
-    with tracker.run("tune", run_id=parent_id):
+    with tracker.run("tune", run_id=parent_id, title=f"tune {run_title(cfg)}", tags={"recipe": recipe_name(cfg)}):
         if tracker.enabled:
             atomic_write_bytes(parent_file, tracker.run_id().encode())
         # One teacher for every trial, trained here before any trial starts (a nested `squeeze` run).
