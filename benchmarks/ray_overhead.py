@@ -35,7 +35,8 @@ from sre2l_ray.data.datasets import STATS  # noqa: E402
 from sre2l_ray.runtime import resolve_device, set_threads  # noqa: E402
 from sre2l_ray.stages.recover import plan_shards  # noqa: E402
 from sre2l_ray.stages.relabel import train_student  # noqa: E402
-from sre2l_ray.teacher import teacher_meta  # noqa: E402
+from sre2l_ray.recovery import recover_local, synthetic_store  # noqa: E402
+from sre2l_ray.teacher import load_teacher, teacher_meta, teacher_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Demo-ish scale: the demo recipe's models and recovery split into one shard per ipc index (10 shards, so actors
@@ -60,7 +61,7 @@ def time_recover(cfg: Config, base: Path, name: str, ray_on: bool) -> float:
     out = _fresh(base, name)
     c = _with(cfg, out, enabled=ray_on)
     meta = teacher_meta(c)
-    store = pipeline.synthetic_store(c, list(meta["classes"]))
+    store = synthetic_store(c, list(meta["classes"]))
     store.open()
     todo = plan_shards(int(meta["num_classes"]), c.recover)
     t0 = time.perf_counter()
@@ -69,7 +70,7 @@ def time_recover(cfg: Config, base: Path, name: str, ray_on: bool) -> float:
 
         recover_on_actors(c, store, meta, todo, lambda s, log: None)
     else:
-        pipeline.recover_local(c, store, meta, todo, lambda s, log: None, lambda s: {})
+        recover_local(c, store, meta, todo, lambda s, log: None, lambda s: {})
     wall = time.perf_counter() - t0
     assert len(store.done_shards()) == len(todo)
     return wall
@@ -80,15 +81,15 @@ def time_relabel(cfg: Config, base: Path, name: str, ray_on: bool) -> float:
     shutil.copytree(base / "ray-1x2" / "synthetic", out / "synthetic")
     c = _with(cfg, out, enabled=ray_on, num_workers=1, cpus_per_worker=2.0)
     mean, std, _ = STATS[c.data.name]
-    data = pipeline.synthetic_store(c, list(teacher_meta(c)["classes"])).as_image_set(mean, std)
+    data = synthetic_store(c, list(teacher_meta(c)["classes"])).as_image_set(mean, std)
     t0 = time.perf_counter()
     if ray_on:
         from sre2l_ray.distributed.train import fit_student
 
-        fit_student(c, data, pipeline.teacher_path(c), "bench", None)
+        fit_student(c, data, teacher_path(c), "bench", None)
     else:
         device = resolve_device(c.device)
-        train_student(c, data, pipeline.load_teacher(c, device), device, out / "students" / "bench")
+        train_student(c, data, load_teacher(c, device), device, out / "students" / "bench")
     return time.perf_counter() - t0
 
 

@@ -29,7 +29,8 @@ from _common import write_result  # noqa: E402
 
 from sre2l_ray.config import load_config  # noqa: E402
 from sre2l_ray.data.datasets import STATS, load_split  # noqa: E402
-from sre2l_ray.pipeline import load_teacher, synthetic_store  # noqa: E402
+from sre2l_ray.recovery import synthetic_store  # noqa: E402
+from sre2l_ray.teacher import load_teacher  # noqa: E402
 from sre2l_ray.stages.evaluate import evaluate  # noqa: E402
 from sre2l_ray.stages.relabel import train_student  # noqa: E402
 from sre2l_ray.stages.soft_labels import SoftLabelStore, precomputed_student_loss, spec_from_config  # noqa: E402

@@ -1,7 +1,9 @@
 """The four stages as functions of a Config, each reading and writing under cfg.output_dir and resuming what is done.
 
-Every stage calls the pure-PyTorch cores in `stages/`; with `ray.enabled` the heavy part goes through the Ray layer
-in `distributed/` instead of running in this process. Outputs:
+Each stage's logic lives here (what is done and reused, keys, outputs, MLflow runs, progress bars); its heavy part
+(fitting the teacher and students, recovering images, scoring on val) is the engine's, chosen once from the config
+(engine.engine_for: the stage cores in this process, or the Ray layer). This module never asks whether Ray is on.
+Outputs:
 
     <output_dir>/config.yaml         resolved config
     <output_dir>/teacher.pt          squeeze: teacher weights + its model config and val metrics
@@ -19,32 +21,29 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config, to_yaml
 from sre2l_ray.data.datasets import ImageSet, check_subset_fits, load_split, real_subsets
 from sre2l_ray.data.synthetic import SyntheticStore
+from sre2l_ray.engine import engine_for
+from sre2l_ray.engine.base import Engine, Scorer
 from sre2l_ray.io import atomic_write_bytes, atomic_write_json, sweep_stale_temps
 from sre2l_ray.models import create_model
 from sre2l_ray.recipes import recipe_name, run_title
 from sre2l_ray.recovery import (
-    BatchInputs,
     RealImages,
     batch_inputs,
     ensure_class_stats,
     needs_real_images,
-    recover_local,
     recovery_plan,
     synthetic_store,
 )
 from sre2l_ray.rundir import CONDENSED, check_config
 from sre2l_ray.runtime import StageStats, measure, resolve_device, set_threads
-from sre2l_ray.stages.evaluate import evaluate, evaluate_batches, improvement_over_random, summarize_seeds
-from sre2l_ray.stages.relabel import train_student
-from sre2l_ray.stages.squeeze import train_teacher
-from sre2l_ray.teacher import kept_teacher_path, load_teacher, teacher_meta, teacher_path
+from sre2l_ray.stages.evaluate import evaluate, improvement_over_random, summarize_seeds
+from sre2l_ray.teacher import load_teacher, teacher_meta, teacher_path
 from sre2l_ray.tracking import Tracker
 
 STAGES = ("squeeze", "recover", "relabel", "evaluate")
@@ -86,32 +85,6 @@ def _record_stage(cfg: Config, stage: str, stats: StageStats, worked: bool | Non
     atomic_write_json(path, data)
 
 
-def streams(cfg: Config) -> bool:
-    """Shards under Ray are streamed by Ray Data (squeeze, val scoring) instead of decoded into memory."""
-    return cfg.data.name == "shards" and cfg.ray.enabled
-
-
-def val_scorer(cfg: Config) -> Callable[[nn.Module], dict[str, float]]:
-    """Scores a model on the real val split: held in memory, or streamed from shards (`streams`)."""
-    if not streams(cfg):
-        val = load_split(cfg.data, train=False)
-        return lambda model: evaluate(model, val, cfg.evaluate.batch_size, cfg.channels_last)
-    from sre2l_ray.data.datasets import shard_rows
-    from sre2l_ray.data.shards import read_manifest
-    from sre2l_ray.distributed.cluster import ensure_ray
-    from sre2l_ray.distributed.data import iter_image_batches, make_shard_dataset
-
-    ensure_ray(cfg)
-    bs, classes = cfg.evaluate.batch_size, len(read_manifest(cfg.data.root)["classes"])
-    ds = make_shard_dataset(cfg.data, False, batch_size=bs, rows=shard_rows(cfg.data, False))
-
-    def score(model: nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        return evaluate_batches(model, ((x, y) for x, y, _ in iter_image_batches(ds, bs, device)), classes, cfg.channels_last)
-
-    return score
-
-
 def _setup(cfg: Config, sections: tuple[str, ...] = CONDENSED) -> torch.device:
     """Refuse an output_dir holding another condensed set (by the `sections` this stage depends on) before writing
     anything; then record the resolved config, unless it belongs to other recover settings (squeeze reusing a teacher
@@ -123,9 +96,9 @@ def _setup(cfg: Config, sections: tuple[str, ...] = CONDENSED) -> torch.device:
     return resolve_device(cfg.device)
 
 
-def run_squeeze(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]:
+def run_squeeze(cfg: Config, tracker: Tracker | None = None, engine: Engine | None = None) -> dict[str, float]:
     """Train (or import) the teacher; skipped when teacher.pt already matches this config."""
-    tracker = tracker or Tracker(cfg)
+    tracker, engine = tracker or Tracker(cfg), engine or engine_for(cfg)
     device = _setup(cfg, ("seed", "data", "squeeze"))
     path = teacher_path(cfg)
     key = cfg.hash("seed", "data", "squeeze")
@@ -142,23 +115,14 @@ def run_squeeze(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if k in ("loss", "val_top1")})
 
-        if streams(cfg) and not cfg.squeeze.checkpoint:
-            from sre2l_ray.distributed.train import fit_teacher_from_shards
-
-            model, metrics, classes, shape = fit_teacher_from_shards(cfg, on_epoch)
-        else:
+        if cfg.squeeze.checkpoint:  # import given weights and score them here, whatever the engine
             train, val = load_split(cfg.data, train=True), load_split(cfg.data, train=False)
+            mc = cfg.squeeze.model.model_copy(update={"weights": cfg.squeeze.checkpoint})
+            model = create_model(mc.name, train.num_classes, train.channels, train.size, depth=mc.depth, width=mc.width, weights=mc.weights).to(device)
+            metrics = {f"val_{k}": v for k, v in evaluate(model, val, cfg.evaluate.batch_size, channels_last=False).items()}
             classes, shape = train.classes, train
-            if cfg.squeeze.checkpoint:
-                mc = cfg.squeeze.model.model_copy(update={"weights": cfg.squeeze.checkpoint})
-                model = create_model(mc.name, train.num_classes, train.channels, train.size, depth=mc.depth, width=mc.width, weights=mc.weights).to(device)
-                metrics = {f"val_{k}": v for k, v in evaluate(model, val, cfg.evaluate.batch_size, channels_last=False).items()}
-            elif cfg.ray.enabled:
-                from sre2l_ray.distributed.train import fit_teacher
-
-                model, metrics = fit_teacher(cfg, train, val, on_epoch)
-            else:
-                model, metrics = train_teacher(cfg, train, val, device, out_dir(cfg) / "squeeze", on_epoch, keep=kept_teacher_path)
+        else:
+            model, metrics, classes, shape = engine.fit_teacher(cfg, on_epoch)
         bar.close()
         save_checkpoint(
             path, model=model.state_dict(), model_config=cfg.squeeze.model.model_dump(), num_classes=shape.num_classes,
@@ -169,9 +133,9 @@ def run_squeeze(cfg: Config, tracker: Tracker | None = None) -> dict[str, float]
     return metrics
 
 
-def run_recover(cfg: Config, tracker: Tracker | None = None) -> Path:
+def run_recover(cfg: Config, tracker: Tracker | None = None, engine: Engine | None = None) -> Path:
     """Synthesise classes x ipc images; shards already on disk are skipped."""
-    tracker = tracker or Tracker(cfg)
+    tracker, engine = tracker or Tracker(cfg), engine or engine_for(cfg)
     _setup(cfg)
     meta = teacher_meta(cfg)
     store = synthetic_store(cfg, list(meta["classes"]))
@@ -194,13 +158,7 @@ def run_recover(cfg: Config, tracker: Tracker | None = None) -> Path:
             if cfg.recover.class_stats_weight > 0 and cfg.recover.method == "optimise":
                 teacher = load_teacher(cfg, resolve_device(cfg.device))
                 meta = {**meta, "class_stats": str(ensure_class_stats(cfg, out_dir(cfg), teacher).resolve())}
-            inputs: BatchInputs = lambda shard: batch_inputs(cfg, real, shard)  # noqa: E731
-            if cfg.ray.enabled:
-                from sre2l_ray.distributed.recover import recover_on_actors
-
-                recover_on_actors(cfg, store, meta, todo, progress, inputs)
-            else:
-                recover_local(cfg, store, meta, todo, progress, inputs)
+            engine.recover(cfg, store, meta, todo, progress, lambda shard: batch_inputs(cfg, real, shard))
         bar.close()
         store.finalize()
         grid = save_grid(cfg, store)
@@ -242,7 +200,6 @@ _KEYS = {
     "random_soft": ("seed", "data", "squeeze", "relabel"),
     "random_hard": ("seed", "data", "relabel"),
 }
-Scorer = Callable[[nn.Module], dict[str, float]]
 
 
 def seed_config(cfg: Config, k: int, lr: float | None = None) -> Config:
@@ -256,7 +213,8 @@ def seed_config(cfg: Config, k: int, lr: float | None = None) -> Config:
     return cfg.model_copy(update={"relabel": cfg.relabel.model_copy(update=update)})
 
 
-def _student(cfg: Config, kind: str, k: int, data: ImageSet, tracker: Tracker, score: Scorer, lr: float | None = None) -> dict[str, float]:
+def _student(cfg: Config, kind: str, k: int, data: ImageSet, tracker: Tracker, score: Scorer, engine: Engine,
+             lr: float | None = None) -> dict[str, float]:
     """Train (or reuse) one student of `kind` for evaluation seed k on `data`; returns its val metrics."""
     scfg = seed_config(cfg, k, lr)
     tag = f"seed{k}" if lr is None else f"seed{k}-lr{lr:g}"
@@ -268,7 +226,6 @@ def _student(cfg: Config, kind: str, k: int, data: ImageSet, tracker: Tracker, s
         if done.get("key") == key:
             return done["metrics"]
     soft = not kind.endswith("_hard")
-    device = resolve_device(scfg.device)
     with tracker.run(f"relabel:{kind}/{tag}", nested=True, log_config=False):
         bar = tqdm(total=scfg.relabel.epochs, desc=f"student {kind} {tag}", unit="epoch")
 
@@ -277,19 +234,7 @@ def _student(cfg: Config, kind: str, k: int, data: ImageSet, tracker: Tracker, s
             if epoch % max(1, scfg.relabel.epochs // 50) == 0 or epoch == scfg.relabel.epochs - 1:
                 tracker.log_metrics(m, step=epoch)
 
-        if scfg.ray.enabled:
-            from sre2l_ray.distributed.train import fit_student
-
-            student = fit_student(scfg, data, teacher_path(scfg) if soft else None, f"{kind}-{tag}", work, on_epoch)
-        else:
-            teacher = load_teacher(scfg, device, labels=True) if soft else None
-            loss = None
-            if teacher is not None and scfg.relabel.soft_labels == "precomputed":
-                from sre2l_ray.stages.soft_labels import precomputed_student_loss, soft_label_source
-
-                # Labels are keyed by teacher + images (config hash) and the view settings; missing epochs are generated.
-                loss = precomputed_student_loss(scfg, data.to(device), teacher, work / "soft_labels", soft_label_source(scfg, f"{kind}-{tag}"))
-            student = train_student(scfg, data, teacher, device, work, on_epoch, loss=loss)
+        student = engine.fit_student(scfg, data, f"{kind}-{tag}", work, soft, on_epoch)
         bar.close()
         metrics = score(student)
         tracker.log_metrics({f"val_{m}": v for m, v in metrics.items()})
@@ -298,14 +243,14 @@ def _student(cfg: Config, kind: str, k: int, data: ImageSet, tracker: Tracker, s
     return metrics
 
 
-def _student_runs(cfg: Config, kind: str, data: Callable[[int], ImageSet], tracker: Tracker, score: Scorer) -> dict[str, Any]:
+def _student_runs(cfg: Config, kind: str, data: Callable[[int], ImageSet], tracker: Tracker, score: Scorer, engine: Engine) -> dict[str, Any]:
     """Every evaluation seed of one student kind (after the optional lr search on seed 0): per-seed metrics and their
     mean +- std. `data(k)` gives seed k's images."""
     lr = None
     if cfg.evaluate.lr_grid:
-        trials = {x: _student(cfg, kind, 0, data(0), tracker, score, lr=x)["top1"] for x in cfg.evaluate.lr_grid}
+        trials = {x: _student(cfg, kind, 0, data(0), tracker, score, engine, lr=x)["top1"] for x in cfg.evaluate.lr_grid}
         lr = max(trials, key=lambda x: trials[x])
-    runs = [{"seed": k, **_student(cfg, kind, k, data(k), tracker, score, lr=lr)} for k in range(cfg.evaluate.seeds)]
+    runs = [{"seed": k, **_student(cfg, kind, k, data(k), tracker, score, engine, lr=lr)} for k in range(cfg.evaluate.seeds)]
     return {**summarize_seeds(runs), "runs": runs, **({"lr": lr} if lr is not None else {})}
 
 
@@ -316,14 +261,14 @@ def _condensed_set(cfg: Config, meta: dict[str, Any]) -> ImageSet:
     return synthetic_store(cfg, list(meta["classes"])).as_image_set(mean, std)
 
 
-def run_relabel(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
+def run_relabel(cfg: Config, tracker: Tracker | None = None, engine: Engine | None = None) -> dict[str, Any]:
     """Train the condensed set's students (teacher's soft labels, every evaluation seed); evaluate them on real val."""
-    tracker = tracker or Tracker(cfg)
+    tracker, engine = tracker or Tracker(cfg), engine or engine_for(cfg)
     _setup(cfg)
     meta = teacher_meta(cfg)
     with measure() as stats:
         condensed = _condensed_set(cfg, meta)
-        result = _student_runs(cfg, "condensed", lambda k: condensed, tracker, val_scorer(cfg))
+        result = _student_runs(cfg, "condensed", lambda k: condensed, tracker, engine.val_scorer(cfg), engine)
     _record_stage(cfg, "relabel", stats)
     return result
 
@@ -336,24 +281,24 @@ def full_data_accuracy(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
     return {"top1": float(meta["metrics"].get("val_top1", float("nan"))), "source": source}
 
 
-def run_evaluate(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
+def run_evaluate(cfg: Config, tracker: Tracker | None = None, engine: Engine | None = None) -> dict[str, Any]:
     """DD-Ranking evaluation: per seed, the condensed set's students and, with the same recipe, a random real subset's
     (soft and hard labels) plus the condensed set with hard labels; IOR and HLR over seeds. Writes results.json."""
-    tracker = tracker or Tracker(cfg)
+    tracker, engine = tracker or Tracker(cfg), engine or engine_for(cfg)
     _setup(cfg)
     meta = teacher_meta(cfg)
     with tracker.run("evaluate", nested=True, log_config=False), measure() as stats:
-        score = val_scorer(cfg)
+        score = engine.val_scorer(cfg)
         condensed = _condensed_set(cfg, meta)
         # Reused when the keyed results match this config (relabel ran them), else trained now with this recipe.
-        students = {"condensed": _student_runs(cfg, "condensed", lambda k: condensed, tracker, score)}
+        students = {"condensed": _student_runs(cfg, "condensed", lambda k: condensed, tracker, score, engine)}
         summary: dict[str, Any] = {}
         if cfg.evaluate.baselines:
             seeds = [cfg.seed + k for k in range(cfg.evaluate.seeds)]
             subsets = dict(zip(range(len(seeds)), real_subsets(cfg.data, cfg.recover.ipc, seeds)))
-            students["random_soft"] = _student_runs(cfg, "random_soft", subsets.__getitem__, tracker, score)
-            students["random_hard"] = _student_runs(cfg, "random_hard", subsets.__getitem__, tracker, score)
-            students["condensed_hard"] = _student_runs(cfg, "condensed_hard", lambda k: condensed, tracker, score)
+            students["random_soft"] = _student_runs(cfg, "random_soft", subsets.__getitem__, tracker, score, engine)
+            students["random_hard"] = _student_runs(cfg, "random_hard", subsets.__getitem__, tracker, score, engine)
+            students["condensed_hard"] = _student_runs(cfg, "condensed_hard", lambda k: condensed, tracker, score, engine)
             top1 = lambda kind: [r["top1"] for r in students[kind]["runs"]]  # noqa: E731
             ior, ior_std = improvement_over_random(top1("condensed"), top1("random_soft"))
             full = full_data_accuracy(cfg, meta)
@@ -395,13 +340,13 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     check_config(cfg)  # another condensed set in output_dir: refused before any stage (or MLflow run) starts
     if cfg.evaluate.baselines:
         check_subset_fits(cfg.data, cfg.recover.ipc)
-    tracker = Tracker(cfg)
+    tracker, engine = Tracker(cfg), engine_for(cfg)  # the engine, chosen once for every stage
     # Named by what it is ("fashion_mnist ipc10 edc"); the stage tag says it is a pipeline.
     with tracker.run("pipeline", title=run_title(cfg), tags={"recipe": recipe_name(cfg)}):
-        run_squeeze(cfg, tracker)
-        run_recover(cfg, tracker)
-        run_relabel(cfg, tracker)
-        results = run_evaluate(cfg, tracker)
+        run_squeeze(cfg, tracker, engine)
+        run_recover(cfg, tracker, engine)
+        run_relabel(cfg, tracker, engine)
+        results = run_evaluate(cfg, tracker, engine)
         tracker.log_artifact(out_dir(cfg) / "synthetic_grid.png")
         tracker.log_artifact(out_dir(cfg) / "synthetic" / "manifest.json")
         # Headline numbers on the parent too, so `sre2l compare` finds one row per pipeline.

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sre2l_ray.pipeline import run_recover, run_squeeze, synthetic_store
+from sre2l_ray.pipeline import run_recover, run_squeeze
+from sre2l_ray.recovery import synthetic_store
 from sre2l_ray.teacher import teacher_meta
 from sre2l_ray.stages.recover import plan_shards
 

@@ -86,7 +86,7 @@ def test_soft_labels_from_an_early_teacher(tmp_path: Path) -> None:
     """relabel.teacher_epoch: squeeze keeps the weights after that epoch, and the soft-label teacher has exactly them,
     while recovery keeps the final teacher."""
     from sre2l_ray.config import ConfigError
-    from sre2l_ray.pipeline import kept_teacher_path, load_teacher
+    from sre2l_ray.teacher import kept_teacher_path, load_teacher
 
     with pytest.raises(ConfigError, match="teacher_epoch 1 is not kept; add it to squeeze.keep_epochs"):
         _cfg("sre2l", tmp_path, "relabel.teacher_epoch=1")

@@ -10,7 +10,8 @@ import torch
 
 from sre2l_ray.config import load_config
 from sre2l_ray.data.datasets import load_split
-from sre2l_ray.pipeline import load_teacher, run_pipeline, run_squeeze
+from sre2l_ray.pipeline import run_pipeline, run_squeeze
+from sre2l_ray.teacher import load_teacher
 from sre2l_ray.stages.relabel import kd_loss, train_student
 from sre2l_ray.stages.soft_labels import (
     PrecomputedSoftLoss,

@@ -1,0 +1,53 @@
+"""What an engine does: the heavy part of each stage, wherever it runs. Stage logic (resume, keys, outputs, MLflow,
+bars) stays in pipeline.py; an engine only fits and scores models and recovers images, reporting progress through
+the callbacks it is given."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Protocol
+
+from torch import nn
+
+from sre2l_ray.config import Config
+from sre2l_ray.data.datasets import ImageSet
+from sre2l_ray.data.synthetic import SyntheticStore
+from sre2l_ray.stages.recover import Shard
+from sre2l_ray.stages.training import DataShape
+
+OnEpoch = Callable[[int, dict[str, float]], None]
+"""Called after each epoch with its metrics (epoch, {"loss": ..., "lr": ..., "val_top1": ...})."""
+Progress = Callable[[Shard, list[dict[str, float]]], None]
+"""Called after each recovery batch is written, with its loss log."""
+BatchInputs = Callable[[Shard], dict[str, Any]]
+"""The real images one recovery batch starts from or selects from (recovery.batch_inputs)."""
+Scorer = Callable[[nn.Module], dict[str, float]]
+"""A model -> its real-val metrics (top1, top5, loss)."""
+
+
+class TeacherFit(NamedTuple):
+    model: nn.Module
+    metrics: dict[str, float]
+    """The last epoch's metrics with the val scores."""
+    classes: list[str]
+    shape: DataShape
+
+
+class Engine(Protocol):
+    """Chosen once per run by engine.engine_for(cfg): LocalEngine (this process) or RayEngine (Ray Train, actors,
+    Ray Data). Both write the same outputs in the same places, so a stage may resume under the other."""
+
+    name: str
+
+    def fit_teacher(self, cfg: Config, on_epoch: OnEpoch) -> TeacherFit:
+        """Train the squeeze teacher on the configured dataset."""
+
+    def recover(self, cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress: Progress,
+                inputs: BatchInputs) -> None:
+        """Recover the `todo` batches into `store` (each written with its marker), calling `progress` per batch."""
+
+    def fit_student(self, cfg: Config, data: ImageSet, name: str, work: str, soft: bool, on_epoch: OnEpoch) -> nn.Module:
+        """Train one student on `data` (soft labels from the teacher, or hard labels) in the folder `work`; `name`
+        tells the students of one run apart."""
+
+    def val_scorer(self, cfg: Config) -> Scorer:
+        """A scorer on the real val split."""
