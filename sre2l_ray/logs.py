@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +41,24 @@ _dir: Path | None = None
 _handler: logging.Handler | None = None
 _undo: list[tuple[logging.Logger, logging.Handler | None, bool, int]] = []  # (logger, removed handler, propagate, level)
 _env_before: dict[str, str | None] = {}
+
+
+class _DriverLog(logging.FileHandler):
+    """driver.log, created with its folder at the first record (a run refused before any library spoke leaves nothing
+    in output_dir), starting with a line naming the command. A log that cannot be written goes quiet, once."""
+
+    def __init__(self, path: Path, header: str):
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.header = header
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        stream = super()._open()
+        stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} === {self.header} (pid {os.getpid()})\n")
+        return stream
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self.setLevel(logging.CRITICAL + 1)  # the command's own error says what is wrong with output_dir
 
 
 def is_quiet() -> bool:
@@ -78,6 +97,7 @@ def quiet_ray_data() -> None:
     local raylet took its environment at start, so workers keep Ray Data's defaults in their own log files)."""
     if _dir is None:
         return
+    _dir.mkdir(parents=True, exist_ok=True)
     path = _dir / ".ray-data-logging.yaml"
     if not path.is_file():
         path.write_text(RAY_DATA_CONFIG)
@@ -97,6 +117,7 @@ def link_ray_session(session_dir: str | None) -> None:
         return
     link, tmp = _dir / RAY_LINK, _dir / f".{RAY_LINK}.{os.getpid()}.tmp"
     try:
+        _dir.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(logs, target_is_directory=True)
         os.replace(tmp, link)  # the newest session replaces the link of an earlier run
@@ -107,15 +128,13 @@ def link_ray_session(session_dir: str | None) -> None:
 @contextmanager
 def quiet_console(output_dir: str | Path, command: str) -> Iterator[Path | None]:
     """Send library log records and warnings of this process to <output_dir>/logs/driver.log for the block; what was
-    changed is restored after (the CLI may run in-process, as tests do)."""
+    changed is restored after (the CLI may run in-process, as tests do). Nothing is written before the first record."""
     global _dir, _handler
     folder = Path(output_dir) / "logs"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(folder / DRIVER_LOG, encoding="utf-8")
-    except OSError:  # output_dir is a file or read-only: the command itself says so, in one line
-        yield None
+    if any(p.exists() and not p.is_dir() for p in (Path(output_dir), folder)):
+        yield None  # output_dir is a file: the command itself says so, in one line
         return
+    handler = _DriverLog(folder / DRIVER_LOG, command)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root, ours = logging.getLogger(), logging.getLogger("sre2l")
     before = root.level, ours.level, ours.propagate
@@ -125,7 +144,6 @@ def quiet_console(output_dir: str | Path, command: str) -> Iterator[Path | None]
     logging.captureWarnings(True)  # warnings become records of 'py.warnings' (WARNING), so they reach the file
     try:
         route()
-        ours.info("=== %s (pid %d)", command, os.getpid())
         yield folder
     finally:
         logging.captureWarnings(False)

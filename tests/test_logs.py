@@ -43,3 +43,10 @@ def test_an_output_dir_that_is_a_file_leaves_the_console_as_it_is(tmp_path: Path
     (tmp_path / "out").write_text("a file")
     with logs.quiet_console(tmp_path / "out", "sre2l test") as folder:
         assert folder is None and not logs.is_quiet()
+
+
+def test_a_run_that_logs_nothing_writes_nothing(tmp_path: Path) -> None:
+    """A command refused before any library spoke (another condensed set, a busy folder) leaves output_dir as it was."""
+    with logs.quiet_console(tmp_path / "out", "sre2l test"):
+        logging.getLogger("some.library").debug("below the file's level")
+    assert not (tmp_path / "out").exists()
