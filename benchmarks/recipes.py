@@ -87,8 +87,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=None, help="run folders (default runs/bench_recipes/<dataset>)")
     ap.add_argument("--result", default=None, help="default benchmarks/results/recipes_<dataset>.json")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="only print the table of these result files")
     ap.add_argument("overrides", nargs="*", help="key=value for every run (e.g. data.root=...)")
     args = ap.parse_args()
+    if args.table:  # several sittings (e.g. one result file per IPC) -> one table
+        print(table([r for f in args.table for r in json.loads(Path(f).read_text())["rows"]]))
+        return
     out = Path(args.out or ROOT / "runs" / "bench_recipes" / args.dataset)
     result = Path(args.result or ROOT / "benchmarks" / "results" / f"recipes_{args.dataset}.json")
     base = ["tracking.enabled=false", "ray.enabled=false", f"evaluate.seeds={args.seeds}", *args.overrides]
