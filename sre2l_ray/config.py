@@ -313,8 +313,8 @@ class Config(_Group):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return v
 
-    def hash(self, *sections: str) -> str:
-        """Short stable hash of the named sections (all when none), used to tell whether outputs still match."""
+    def hashed(self, *sections: str) -> dict[str, Any]:
+        """The named sections (all when none) as `hash` sees them: keys that do not change outputs left out."""
         dump = self.model_dump(mode="json")
         for section, keys in _NOT_HASHED.items():
             for k in keys:
@@ -323,8 +323,11 @@ class Config(_Group):
             for k in keys:
                 if dump[section].get(k) == type(self).model_fields[section].default.model_dump(mode="json")[k]:
                     dump[section].pop(k)
-        part = {k: dump[k] for k in sections} if sections else dump
-        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+        return {k: dump[k] for k in sections} if sections else dump
+
+    def hash(self, *sections: str) -> str:
+        """Short stable hash of the named sections (all when none), used to tell whether outputs still match."""
+        return hashlib.sha256(json.dumps(self.hashed(*sections), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Keys that do not change any output (limits and bookkeeping) and came after outputs existed: left out of the hash so
