@@ -86,7 +86,7 @@ def time_relabel(cfg: Config, base: Path, name: str, ray_on: bool) -> float:
     if ray_on:
         from sre2l_ray.distributed.train import fit_student
 
-        fit_student(c, data, teacher_path(c), "bench", None)
+        fit_student(c, data, teacher_path(c), "bench", out / "students" / "bench", None)
     else:
         device = resolve_device(c.device)
         train_student(c, data, load_teacher(c, device), device, out / "students" / "bench")

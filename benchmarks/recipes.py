@@ -24,6 +24,8 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from sre2l_ray.config import Config, load_config
 from sre2l_ray.pipeline import run_evaluate, run_recover, run_relabel, run_squeeze
 
@@ -46,7 +48,11 @@ def copy_missing(src: Path, dst: Path) -> None:
 def run_one(cfg: Config, teacher_dir: Path, donors: list[Path]) -> dict[str, object]:
     out = Path(cfg.output_dir)
     copy_missing(teacher_dir / "teacher.pt", out / "teacher.pt")
+    mine = cfg.model_dump(mode="json")["relabel"]
     for donor in donors:
+        # Only a donor whose students trained with this student recipe (the keys are checked again on use).
+        if yaml.safe_load((donor / "config.yaml").read_text()).get("relabel") != mine:
+            continue
         for kind in ("random_soft", "random_hard"):
             for seed_dir in sorted((donor / "students" / kind).glob("seed*")):
                 copy_missing(seed_dir, out / "students" / kind / seed_dir.name)
@@ -87,8 +93,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=None, help="run folders (default runs/bench_recipes/<dataset>)")
     ap.add_argument("--result", default=None, help="default benchmarks/results/recipes_<dataset>.json")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="only print the table of these result files")
     ap.add_argument("overrides", nargs="*", help="key=value for every run (e.g. data.root=...)")
     args = ap.parse_args()
+    if args.table:  # several sittings (e.g. one result file per IPC) -> one table
+        print(table([r for f in args.table for r in json.loads(Path(f).read_text())["rows"]]))
+        return
     out = Path(args.out or ROOT / "runs" / "bench_recipes" / args.dataset)
     result = Path(args.result or ROOT / "benchmarks" / "results" / f"recipes_{args.dataset}.json")
     base = ["tracking.enabled=false", "ray.enabled=false", f"evaluate.seeds={args.seeds}", *args.overrides]

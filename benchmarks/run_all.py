@@ -24,13 +24,13 @@ RESULTS = HERE / "results"
 
 # Small arguments per known script (unknown scripts run with their own defaults); slow = minutes or more.
 SMALL_ARGS: dict[str, list[str]] = {
-    "accuracy": ["--ipc", "1", "10"],
+    "recipes": ["--ipc", "10", "--seeds", "3"],
     "data_throughput": ["--images", "256", "--epochs", "1"],
     "tune_cost": ["--scale", "small"],
     "recover_speed": ["--steps", "5", "--warmup", "2"],
     "relabel_speed": ["--steps", "5", "--warmup", "2"],
 }
-SLOW = {"accuracy", "tune_cost", "data_throughput", "tune_search", "soft_label_accuracy"}
+SLOW = {"recipes", "tune_cost", "data_throughput", "tune_search", "soft_label_accuracy"}
 HARNESS_AWARE = {"recover_speed", "relabel_speed"}
 
 

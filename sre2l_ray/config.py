@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -73,26 +73,29 @@ class ModelConfig(_Group):
     """torchvision weights name (e.g. IMAGENET1K_V1) or a local state-dict file loaded with weights_only=True."""
 
 
+def _crop_scale(v: tuple[float, float]) -> tuple[float, float]:
+    if not (0 < v[0] <= v[1] <= 1):
+        raise ValueError("crop_scale must satisfy 0 < lower <= upper <= 1; e.g. [0.08, 1.0]")
+    return v
+
+
+def _crop_ratio(v: tuple[float, float]) -> tuple[float, float]:
+    if not (0 < v[0] <= v[1]):
+        raise ValueError("crop_ratio must satisfy 0 < lower <= upper; e.g. [0.75, 1.33]")
+    return v
+
+
+CropScale = Annotated[tuple[Real, Real], AfterValidator(_crop_scale)]
+"""RandomResizedCrop area fraction (lower, upper), each in (0, 1]."""
+CropRatio = Annotated[tuple[Real, Real], AfterValidator(_crop_ratio)]
+"""RandomResizedCrop aspect ratio range (lower, upper), both > 0."""
+
+
 class AugmentConfig(_Group):
-    crop_scale: tuple[Real, Real] = (0.08, 1.0)
+    crop_scale: CropScale = (0.08, 1.0)
     """RandomResizedCrop area fraction (lower, upper), each in (0, 1]."""
-    crop_ratio: tuple[Real, Real] = (3 / 4, 4 / 3)
+    crop_ratio: CropRatio = (3 / 4, 4 / 3)
     flip: bool = True
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = v
-        if not (0 < lo <= hi <= 1):
-            raise ValueError(f"crop_scale must satisfy 0 < lower <= upper <= 1, got {list(v)}; e.g. [0.08, 1.0]")
-        return v
-
-    @field_validator("crop_ratio")
-    @classmethod
-    def _ratio_positive(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (0 < v[0] <= v[1]):
-            raise ValueError(f"crop_ratio must satisfy 0 < lower <= upper, got {list(v)}")
-        return v
 
 
 class SqueezeConfig(_Group):
@@ -122,26 +125,12 @@ class SelectConfig(_Group):
     """Real images per class considered (RDED's mipc); each contributes at most one patch."""
     crops: StrictInt = Field(5, ge=1)
     """Random crops scored per candidate (RDED's num_crop); the candidate keeps its lowest-CE one."""
-    crop_scale: tuple[Real, Real] = (0.08, 1.0)
+    crop_scale: CropScale = (0.08, 1.0)
     """Candidate crops' area fraction (lower, upper) (RDED: torchvision's default, 0.08-1)."""
-    crop_ratio: tuple[Real, Real] = (1.0, 1.0)
+    crop_ratio: CropRatio = (1.0, 1.0)
     """Candidate crops' aspect ratio range (RDED: square patches)."""
     batch_size: StrictInt = Field(256, ge=1)
     """Crops scored per teacher forward (memory only; the selection does not depend on it)."""
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (0 < v[0] <= v[1] <= 1):
-            raise ValueError(f"crop_scale must satisfy 0 < lower <= upper <= 1, got {list(v)}; e.g. [0.08, 1.0]")
-        return v
-
-    @field_validator("crop_ratio")
-    @classmethod
-    def _ratio_positive(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (0 < v[0] <= v[1]):
-            raise ValueError(f"crop_ratio must satisfy 0 < lower <= upper, got {list(v)}; e.g. [1.0, 1.0]")
-        return v
 
 
 class RecoverConfig(_Group):
@@ -325,8 +314,8 @@ class Config(_Group):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return v
 
-    def hash(self, *sections: str) -> str:
-        """Short stable hash of the named sections (all when none), used to tell whether outputs still match."""
+    def hashed(self, *sections: str) -> dict[str, Any]:
+        """The named sections (all when none) as `hash` sees them: keys that do not change outputs left out."""
         dump = self.model_dump(mode="json")
         for section, keys in _NOT_HASHED.items():
             for k in keys:
@@ -335,8 +324,11 @@ class Config(_Group):
             for k in keys:
                 if dump[section].get(k) == type(self).model_fields[section].default.model_dump(mode="json")[k]:
                     dump[section].pop(k)
-        part = {k: dump[k] for k in sections} if sections else dump
-        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+        return {k: dump[k] for k in sections} if sections else dump
+
+    def hash(self, *sections: str) -> str:
+        """Short stable hash of the named sections (all when none), used to tell whether outputs still match."""
+        return hashlib.sha256(json.dumps(self.hashed(*sections), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Keys that do not change any output (limits and bookkeeping) and came after outputs existed: left out of the hash so

@@ -186,9 +186,9 @@ def save_grid(cfg: Config, store: SyntheticStore) -> Path:
 
 STUDENTS = {
     "condensed": "condensed+soft",
-    "condensed_hard": "condensed hard",
     "random_soft": "random+soft",
     "random_hard": "random hard",
+    "condensed_hard": "condensed hard",
 }
 """Student kinds (the folder under students/) and their labels in tables. Each trains with the identical recipe; they
 differ only in their images (the condensed set, or a random real subset of the same size redrawn per seed) and
@@ -375,13 +375,14 @@ def results_table(results: dict[str, Any]) -> str:
     seeds = results.get("seeds", 1)
     lines = [f"{results['dataset']} IPC {results['ipc']}   {seeds} seed(s)   teacher top-1 {results['teacher'].get('val_top1', float('nan')):.2f}%", ""]
     lines.append(f"{'student':<16}{'top-1 %':>16}{'top-5 %':>16}")
-    for name, m in results["students"].items():
-        cell = lambda k: f"{m[k]:.2f} ± {m.get(k + '_std', 0.0):.2f}"  # noqa: E731
+    for name, m in sorted(results["students"].items(), key=lambda kv: list(STUDENTS).index(kv[0]) if kv[0] in STUDENTS else 99):
+        cell = lambda k: f"{m[k]:.2f} ± {m.get(k + '_std', 0.0):.2f}" if seeds > 1 else f"{m[k]:.2f}"  # noqa: E731
         lines.append(f"{STUDENTS.get(name, name):<16}{cell('top1'):>16}{cell('top5'):>16}")
     if "ior" in results:
         ior, hlr = results["ior"], results["hlr"]
         lines.append("")
-        lines.append(f"IOR  {ior['top1']:+.2f} ± {ior['top1_std']:.2f}  (condensed+soft - random+soft, per seed)")
+        spread = f"± {ior['top1_std']:.2f}" if seeds > 1 else "(one seed: no spread; evaluate.seeds=3 measures it)"
+        lines.append(f"IOR  {ior['top1']:+.2f} {spread}  (condensed+soft - random+soft, per seed)")
         lines.append(f"HLR  {hlr['top1']:.2f}  (full-data top-1 {hlr['full_top1']:.2f} from the {hlr['full_source']} - condensed hard)")
     lines.append("")
     lines.append(f"{'stage':<16}{'wall s':>16}{'peak MB':>16}")

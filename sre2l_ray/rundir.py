@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import yaml
 from filelock import FileLock, Timeout
+from pydantic import ValidationError
 
 from sre2l_ray.config import Config, ConfigError
 from sre2l_ray.io import atomic_write_json
@@ -49,11 +50,16 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differing_keys(saved: dict[str, Any], cfg: Config, sections: tuple[str, ...] = CONDENSED) -> list[str]:
-    """Dotted keys under `sections` whose values differ between a saved config dump and `cfg` (missing counts)."""
-    now = cfg.model_dump(mode="json")
+    """Dotted keys under `sections` whose values differ between a saved config dump and `cfg` (missing counts), as
+    Config.hash sees them: a config.yaml written before a key existed reads with its default, and keys that change no
+    output are left out, so only what makes the outputs differ is named."""
+    try:
+        old = Config.model_validate(saved).hashed(*sections)
+    except ValidationError:  # written by a version with other keys: compare what is there
+        old = {s: saved.get(s) for s in sections}
     # Through JSON, as Config.hash sees them: tuples and lists compare alike.
-    a = _flat(json.loads(json.dumps({s: saved.get(s) for s in sections})))
-    b = _flat(json.loads(json.dumps({s: now.get(s) for s in sections})))
+    a = _flat(json.loads(json.dumps(old)))
+    b = _flat(json.loads(json.dumps(cfg.hashed(*sections))))
     return sorted(k for k in a.keys() | b.keys() if a.get(k, ...) != b.get(k, ...))
 
 

@@ -119,3 +119,20 @@ def test_knobs_added_later_are_hashed_only_when_set() -> None:
         assert hashlib.sha256(json.dumps({section: old}, sort_keys=True).encode()).hexdigest()[:16] == base.hash(section)
     kept = load_config(ROOT / "configs/fashion_mnist.yaml", ["squeeze.keep_epochs=[2]", "relabel.teacher_epoch=2"])
     assert kept.hash("squeeze") != base.hash("squeeze") and kept.hash("relabel") != base.hash("relabel")
+
+
+def test_a_config_yaml_from_before_a_key_existed_is_the_same_condensed_set(tmp_path: Path) -> None:
+    """rundir.check_config reads an older config.yaml with today's defaults and compares what the hash compares: a
+    folder finished before data.max_image_pixels or squeeze.keep_epochs existed is not 'another condensed set'."""
+    import yaml
+
+    from sre2l_ray.rundir import check_config, differing_keys
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path}"])
+    old = cfg.model_dump(mode="json")
+    del old["data"]["max_image_pixels"], old["squeeze"]["keep_epochs"], old["relabel"]["teacher_epoch"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "teacher.pt").write_bytes(b"")  # the folder holds work
+    assert differing_keys(old, cfg) == [] and check_config(cfg)
+    other = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path}", "squeeze.keep_epochs=[1]"])
+    assert differing_keys(old, other) == ["squeeze.keep_epochs"]

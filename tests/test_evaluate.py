@@ -63,14 +63,24 @@ def test_every_student_runs_every_seed_with_a_fresh_subset(two_seeds) -> None:
 
 
 def test_changed_student_recipe_retrains_the_condensed_student_too(two_seeds) -> None:
-    """`sre2l evaluate <same config> relabel.temperature=4` once reused the condensed student trained at another
-    temperature: every student must follow the recipe of this call."""
-    cfg, _ = two_seeds
+    """`sre2l evaluate <same config> relabel.temperature=...` once reused the condensed student trained at another
+    temperature and mixed the two in results.json: every student must follow the recipe of this call."""
+    from sre2l_ray import cli
+
+    cfg, before = two_seeds
     metrics = Path(cfg.output_dir) / "students" / "condensed" / "seed0" / "metrics.json"
-    before = json.loads(metrics.read_text())["key"]
-    hot = cfg.model_copy(update={"relabel": cfg.relabel.model_copy(update={"temperature": cfg.relabel.temperature + 3})})
-    run_evaluate(hot)
-    assert json.loads(metrics.read_text())["key"] != before
+    key = json.loads(metrics.read_text())["key"]
+    root = Path(__file__).resolve().parents[1]
+    hot = cfg.relabel.temperature + 3
+    rc = cli.main(["evaluate", str(root / "configs/tiny.yaml"), f"output_dir={cfg.output_dir}", "ray.enabled=false",
+                   f"data.root={root / 'data'}", "evaluate.seeds=2", f"relabel.temperature={hot}"])
+    assert rc == 0
+    assert json.loads(metrics.read_text())["key"] != key  # retrained at the new temperature
+    import yaml
+
+    assert yaml.safe_load((Path(cfg.output_dir) / "config.yaml").read_text())["relabel"]["temperature"] == hot
+    hot_cfg = cfg.model_copy(update={"relabel": cfg.relabel.model_copy(update={"temperature": hot})})
+    assert json.loads((Path(cfg.output_dir) / "results.json").read_text())["config_hash"] == hot_cfg.hash() != before["config_hash"]
 
 
 def test_lr_grid_picks_the_best_lr_per_student_kind(tiny_config) -> None:

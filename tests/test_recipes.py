@@ -30,7 +30,7 @@ def test_every_named_recipe_is_shipped() -> None:
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_end_to_end(recipe: str, tmp_path: Path) -> None:
-    cfg = _cfg(recipe, tmp_path)
+    cfg = _cfg(recipe, tmp_path, "recover.iterations=30")  # the recipes' own counts (up to 1000) take longer
     results = run_pipeline(cfg)
     assert set(results["students"]) == {"condensed", "condensed_hard", "random_soft", "random_hard"}
     assert "ior" in results and "hlr" in results
