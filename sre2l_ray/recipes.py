@@ -8,6 +8,7 @@ checks that every configs/recipes/*.yaml is recognised as its own file name.
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any
 
 from sre2l_ray.config import Config
@@ -59,6 +60,14 @@ def recipe_name(cfg: Config) -> str:
     return "+".join(KNOBS[k][1].format(v) for k, v in mine.items())
 
 
+def dataset_name(cfg: Config) -> str:
+    """The dataset in words: torchvision's name, or for a folder of images or shards the folder's name
+    (data/gtsrb10 -> gtsrb10, /data/imagenet-shards -> imagenet-shards)."""
+    if cfg.data.name in ("imagefolder", "shards"):
+        return PurePosixPath(cfg.data.root.rstrip("/")).name or cfg.data.name
+    return cfg.data.name
+
+
 def run_title(cfg: Config) -> str:
     """What a pipeline run is, in a few words: `fashion_mnist ipc10 edc`."""
-    return f"{cfg.data.name} ipc{cfg.recover.ipc} {recipe_name(cfg)}"
+    return f"{dataset_name(cfg)} ipc{cfg.recover.ipc} {recipe_name(cfg)}"

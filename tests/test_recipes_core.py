@@ -348,3 +348,7 @@ def test_a_config_off_every_recipe_is_described_compactly() -> None:
     assert recipe_name(build_config({})) == "sre2l"
     assert recipe_name(build_config({"recover": {"init": "real"}, "relabel": {"ema_decay": 0.99}})) == "real-init+ema0.99"
     assert recipe_name(build_config({"recover": {"method": "select", "init": "real"}})) == "rded"  # select reads no init
+    from sre2l_ray.recipes import run_title
+
+    folder = build_config({"data": {"name": "imagefolder", "root": "data/gtsrb10"}, "recover": {"ipc": 10}})
+    assert run_title(folder) == "gtsrb10 ipc10 sre2l"
