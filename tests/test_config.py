@@ -104,7 +104,7 @@ def test_later_yaml_files_override_earlier_ones(tmp_path: Path) -> None:
     recipe.write_text("recover: {iterations: 7}\nrelabel: {temperature: 9.0}\n")
     cfg = parse_config_args([str(ROOT / "configs/fashion_mnist.yaml"), str(recipe), "relabel.temperature=3"])
     assert cfg.recover.iterations == 7 and cfg.relabel.temperature == 3.0
-    assert cfg.recover.ipc == 10 and cfg.recover.lr == 0.25  # the dataset config's other keys stay
+    assert cfg.recover.ipc == 10 and cfg.recover.init == "real"  # the dataset config's other keys stay
 
 
 def test_knobs_added_later_are_hashed_only_when_set() -> None:

@@ -193,7 +193,7 @@ def test_rerun_keeps_the_time_of_the_work_and_counts_the_reuse(finished: Path, t
             assert {k: v for k, v in s.items() if k != "reused"} == before[name], f"{name}: the recorded time changed"
             assert s["reused"] == n
         assert json.loads((out / "results.json").read_text())["stages"] == stages
-        assert f"{'recover':<12}{before['recover']['wall_s']:>10.1f}" in r.stdout and f"reused {n}x" in r.stdout
+        assert f"{'recover':<16}{before['recover']['wall_s']:>16.1f}" in r.stdout and f"reused {n}x" in r.stdout
     # Work done again (a new relabel seed) is a new record of that stage, no longer a reuse.
     r = _run(_cmd(out, "ray.enabled=false", "relabel.seed=7"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -223,13 +223,13 @@ def test_another_condensed_set_is_refused_before_writing(finished: Path, tmp_pat
 def test_settings_after_recover_may_change_within_one_output_dir(finished: Path, tmp_path: Path) -> None:
     out = _copy(finished, tmp_path)
     before = _snapshot(out)
-    key = json.loads((out / "students" / "sre2l" / "metrics.json").read_text())["key"]
+    key = json.loads((out / "students" / "condensed" / "seed0" / "metrics.json").read_text())["key"]
     r = _run(_cmd(out, "ray.enabled=false", "relabel.seed=3", "relabel.temperature=2", "evaluate.batch_size=50"))
     assert r.returncode == 0, r.stderr[-3000:]
     after = _snapshot(out)
     kept = [k for k in before if k == "teacher.pt" or k.endswith(".png") and k.startswith("synthetic/")]
     assert len(kept) == 21 and all(after[k] == before[k] for k in kept), "teacher and images untouched"
-    assert json.loads((out / "students" / "sre2l" / "metrics.json").read_text())["key"] != key, "the student retrained"
+    assert json.loads((out / "students" / "condensed" / "seed0" / "metrics.json").read_text())["key"] != key, "the student retrained"
     assert yaml.safe_load((out / "config.yaml").read_text())["relabel"]["seed"] == 3
 
 
