@@ -238,7 +238,8 @@ def test_settings_after_recover_may_change_within_one_output_dir(finished: Path,
 
 def test_a_second_run_on_a_busy_output_dir_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    longer = ("ray.enabled=false", "recover.iterations=1500", "recover.classes_per_batch=2")
+    # Long enough that the first run cannot finish while the others are tried on a loaded machine (it is interrupted).
+    longer = ("ray.enabled=false", "recover.iterations=4000", "recover.classes_per_batch=2")
     first_cmd = _cmd(out, *longer, "relabel.temperature=4")
     first = subprocess.Popen(first_cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
