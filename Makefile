@@ -36,4 +36,4 @@ bench: $(STAMP) fmnist
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf runs mlflow.db
+	rm -rf runs mlflow.db mlartifacts
