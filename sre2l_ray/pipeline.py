@@ -154,11 +154,13 @@ def run_recover(cfg: Config, tracker: Tracker | None = None, engine: Engine | No
             tracker.log_metrics({k: v for k, v in log[-1].items() if k != "step"}, step=bar.n)
 
         if todo:
-            real = RealImages(cfg) if needs_real_images(cfg) else None
-            if cfg.recover.class_stats_weight > 0 and cfg.recover.method == "optimise":
+            class_stats = cfg.recover.class_stats_weight > 0 and cfg.recover.method == "optimise"
+            # One read of the training split's labels (and one decode of an in-memory split) serves both uses.
+            real = RealImages(cfg) if needs_real_images(cfg) or class_stats else None
+            if class_stats:
                 teacher = load_teacher(cfg, resolve_device(cfg.device))
-                meta = {**meta, "class_stats": str(ensure_class_stats(cfg, out_dir(cfg), teacher).resolve())}
-            engine.recover(cfg, store, meta, todo, progress, lambda shard: batch_inputs(cfg, real, shard))
+                meta = {**meta, "class_stats": str(ensure_class_stats(cfg, out_dir(cfg), teacher, real).resolve())}
+            engine.recover(cfg, store, meta, todo, progress, lambda shard: batch_inputs(cfg, real if needs_real_images(cfg) else None, shard))
         bar.close()
         store.finalize()
         grid = save_grid(cfg, store)

@@ -49,13 +49,25 @@ class RealImages:
         self.labels, self.classes = train_labels(cfg.data)
         self._split: ImageSet | None = None
 
+    def _in_memory(self) -> ImageSet:
+        if self._split is None:
+            self._split = load_split(self.data, train=True)  # the same limit and order as train_labels
+        return self._split
+
     def take(self, positions: torch.Tensor) -> torch.Tensor:
         """uint8 images at `positions` (in train_labels order)."""
         if self.data.name == "shards":
             return train_images(self.data, [positions])[0].images
-        if self._split is None:
-            self._split = load_split(self.data, train=True)  # the same limit and order as train_labels
-        return self._split.images[positions]
+        return self._in_memory().images[positions]
+
+    def chunks(self, rows: int) -> Iterator[ImageSet]:
+        """The whole split in order: an in-memory split as one chunk (decoded once, shared with `take`), parquet shards
+        `rows` rows at a time, so memory stays bounded."""
+        if self.data.name != "shards":
+            yield self._in_memory()
+            return
+        for pos in torch.arange(len(self.labels)).split(rows):
+            yield train_images(self.data, [pos])[0]
 
 
 def batch_inputs(cfg: Config, real: RealImages | None, shard: Shard) -> dict[str, Any]:
@@ -77,17 +89,16 @@ def class_stats_path(out: Path) -> Path:
     return out / "class_stats.pt"
 
 
-def ensure_class_stats(cfg: Config, out: Path, teacher: torch.nn.Module, batch_size: int = 500) -> Path:
-    """Per-class BN statistics of the teacher over the training split (one pass), stored beside teacher.pt and keyed
-    like it; reused when present."""
+def ensure_class_stats(cfg: Config, out: Path, teacher: torch.nn.Module, real: RealImages, batch_size: int = 500) -> Path:
+    """Per-class BN statistics of the teacher over the training split (one pass over `real`'s images), stored beside
+    teacher.pt and keyed like it; reused when present."""
     from sre2l_ray.stages.recover import class_bn_statistics
 
     path = class_stats_path(out)
     key = cfg.hash("seed", "data", "squeeze")
     if path.is_file() and load_checkpoint(path).get("key") == key:
         return path
-    labels, classes = train_labels(cfg.data)
-    stats = class_bn_statistics(teacher, _train_batches(cfg, labels, teacher, batch_size), len(classes))
+    stats = class_bn_statistics(teacher, _train_batches(cfg, real, teacher, batch_size), len(real.classes))
     save_checkpoint(path, key=key, means=[m for m, _ in stats], vars=[v for _, v in stats])
     return path
 
@@ -97,16 +108,10 @@ def load_class_stats(path: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(state["means"], state["vars"]))
 
 
-def _train_batches(cfg: Config, labels: torch.Tensor, teacher: torch.nn.Module, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Centre views of the training split as (normalised images on the teacher's device, labels); parquet shards are
-    read a chunk of rows at a time, so memory stays bounded."""
+def _train_batches(cfg: Config, real: RealImages, teacher: torch.nn.Module, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Centre views of the training split as (normalised images on the teacher's device, labels)."""
     device = next(teacher.parameters()).device
-    if cfg.data.name != "shards":
-        split = load_split(cfg.data, train=True)
-        chunks: Iterator[ImageSet] = iter([split])
-    else:
-        chunks = (train_images(cfg.data, [pos])[0] for pos in torch.arange(len(labels)).split(16 * batch_size))
-    for chunk in chunks:
+    for chunk in real.chunks(16 * batch_size):
         for i in range(0, len(chunk), batch_size):
             x = chunk.normalize(chunk.images[i : i + batch_size].to(device))
             if cfg.channels_last:
