@@ -2,7 +2,8 @@
 the Ray actors alike.
 
 - `recover.init=real` (EDC): each (class, ipc index) starts from a seeded real training image of its class.
-- `recover.method=select` (RDED): each class's images are tiled from teacher-scored patches of seeded candidates.
+- `recover.method=select` (RDED): each class's images are tiled from teacher-scored patches of seeded candidates;
+  `recover.init=select` starts recovery from those selected images instead of keeping them as they are.
 - `recover.class_stats_weight > 0` (EDC): per-class BN statistics of the teacher, gathered once over the training
   set and stored beside the teacher (`class_stats.pt`, keyed like the teacher).
 
@@ -75,14 +76,19 @@ def batch_inputs(cfg: Config, real: RealImages | None, shard: Shard) -> dict[str
     (method=select, candidates per class); empty for SRe2L's noise start."""
     if real is None:
         return {}
-    if cfg.recover.method == "select":
+    if selects(cfg):
         n = cfg.recover.select.candidates
         return {"candidates": [real.take(candidate_indices(real.labels, c, n, cfg.seed)) for c in shard.classes]}
     return {"init": real.take(real_init_indices(real.labels, shard.targets(), cfg.seed))}
 
 
+def selects(cfg: Config) -> bool:
+    """Teacher-scored real patches are picked: as the condensed images (method=select) or as recovery's start."""
+    return cfg.recover.method == "select" or cfg.recover.init == "select"
+
+
 def needs_real_images(cfg: Config) -> bool:
-    return cfg.recover.method == "select" or cfg.recover.init == "real"
+    return selects(cfg) or cfg.recover.init == "real"
 
 
 def class_stats_path(out: Path) -> Path:
@@ -148,11 +154,21 @@ class ShardRecoverer:
         """Make one recovery batch's images, write them (marker last), return its loss log. `init`: uint8 start images
         (recover.init=real); `candidates`: per class of the batch, uint8 real images to select from (method=select)."""
         targets = shard.targets()
+        rc = self.cfg.recover
         if candidates is not None:
-            rc = self.cfg.recover
-            picked = {c: select_class(self.teacher, cand.to(self.device), c, rc.ipc, rc.select, self.cfg.seed, self.pixels.normalize)
-                      for c, cand in zip(shard.classes, candidates)}
-            images, log = torch.stack([picked[c][k] for c, k in targets]), [{"step": 0}]
+            # A class's picks are ranked against each other, so each batch selects its classes whole and takes its
+            # ipc indices (the same picks in every batch: selection is a pure function of teacher, class and seed).
+            self.hooks.paused = True  # scoring forwards are not BN-matching batches
+            try:
+                picked = {c: select_class(self.teacher, cand.to(self.device), c, rc.ipc, rc.select, self.cfg.seed, self.pixels.normalize)
+                          for c, cand in zip(shard.classes, candidates)}
+            finally:
+                self.hooks.paused = False
+            chosen = torch.stack([picked[c][k] for c, k in targets])
+            if rc.method == "optimise":  # init=select: recovery starts from the selected patches
+                init = chosen
+        if candidates is not None and rc.method == "select":
+            images, log = chosen, [{"step": 0}]
         else:
             start = self.pixels.normalize(init.to(self.device)) if init is not None else None
             normalised, log = recover_shard(

@@ -58,6 +58,20 @@ def test_real_init_starts_from_the_picked_training_images(tmp_path: Path) -> Non
         assert torch.equal(saved, train.images[i]) and int(train.labels[i]) == c
 
 
+def test_select_init_starts_from_the_selected_patches(tmp_path: Path) -> None:
+    """init=select (EDC's released start): recovery begins at RDED's picks, so with a learning rate too small to move a
+    pixel the saved images are the images method=select keeps, class statistics on (the scoring passes bypass the
+    BN-matching hooks)."""
+    common = ["recover.select.factor=1", "evaluate.baselines=false", "relabel.epochs=1"]
+    picked = _cfg("rded", tmp_path / "select", *common)
+    run_pipeline(picked)
+    cfg = _cfg("edc", tmp_path / "init", "recover.init=select", "recover.lr=1.0e-9", "recover.iterations=2", *common)
+    run_pipeline(cfg)
+    pngs = sorted((tmp_path / "select" / "synthetic").rglob("*.png"))
+    assert pngs and all(p.read_bytes() == (tmp_path / "init" / p.relative_to(tmp_path / "select")).read_bytes() for p in pngs)
+    assert (tmp_path / "init" / "class_stats.pt").is_file()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["edc", "rded"])

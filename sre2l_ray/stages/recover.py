@@ -130,6 +130,8 @@ class BNStatHooks:
             if self.class_weight > 0 else None
         )
         self._groups: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.paused = False
+        """While True the layers run plainly and record nothing (the teacher scoring real crops, recover.init=select)."""
         self.terms: list[torch.Tensor | None] = [None] * len(self.layers)
         self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
         self._undo = [self._attach(i, m) for i, m in enumerate(self.layers)]
@@ -149,6 +151,8 @@ class BNStatHooks:
         plain = module.forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            if self.paused:
+                return plain(x)
             if module.training or x.dtype not in (torch.float32, torch.float64):
                 self.record(i, module, *channel_mean_var(x.float()), x=x)
                 return plain(x)
