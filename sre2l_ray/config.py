@@ -158,9 +158,11 @@ class RecoverConfig(_Group):
     """CDA (arXiv 2311.18838) crop curriculum: the crop's lower scale bound anneals from the upper one to augment.crop_scale[0]."""
     crop_milestone: Real = Field(1.0, gt=0, le=1)
     """Fraction of the iterations at which the crop curriculum reaches augment.crop_scale[0] (CDA's scripts: 1.0)."""
-    init: Literal["noise", "real", "select"] = "noise"
-    """Start images: Gaussian noise (SRe2L), a seeded real training image of the class (EDC, arXiv 2404.13733), or the
-    class's teacher-selected real patches (RDED's selection with recover.select, the start EDC's released code uses)."""
+    init: Literal["noise", "real", "select", "cluster"] = "noise"
+    """Start images: Gaussian noise (SRe2L), a seeded real training image of the class (EDC, arXiv 2404.13733), the
+    class's teacher-selected real patches (RDED's selection with recover.select, the start EDC's released code uses),
+    or the real images nearest the centres of k-means (k = ipc) on the teacher's features of recover.select.candidates
+    seeded candidates (covers the class)."""
     class_stats_weight: Real = Field(0.0, ge=0, le=1)
     """EDC soft category-aware matching alpha: weight of per-class BN statistics against the global ones (EDC: 0.5)."""
     method: Literal["optimise", "select"] = "optimise"
@@ -171,7 +173,9 @@ class RecoverConfig(_Group):
     @model_validator(mode="after")
     def _select_has_enough_candidates(self) -> RecoverConfig:
         need = self.ipc * self.select.factor**2
-        if (self.method == "select" or self.init == "select") and self.select.candidates < need:
+        if self.init == "cluster":
+            need = self.ipc
+        if (self.method == "select" or self.init in ("select", "cluster")) and self.select.candidates < need:
             raise ValueError(
                 f"select.candidates ({self.select.candidates}) must be at least ipc * factor^2 ({need}): each patch comes "
                 f"from its own candidate image; raise recover.select.candidates or lower recover.ipc / select.factor"

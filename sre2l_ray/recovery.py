@@ -3,7 +3,8 @@ the Ray actors alike.
 
 - `recover.init=real` (EDC): each (class, ipc index) starts from a seeded real training image of its class.
 - `recover.method=select` (RDED): each class's images are tiled from teacher-scored patches of seeded candidates;
-  `recover.init=select` starts recovery from those selected images instead of keeping them as they are.
+  `recover.init=select` starts recovery from those selected images instead of keeping them as they are;
+  `recover.init=cluster` from the candidates nearest k-means centres of the teacher's features.
 - `recover.class_stats_weight > 0` (EDC): per-class BN statistics of the teacher, gathered once over the training
   set and stored beside the teacher (`class_stats.pt`, keyed like the teacher).
 
@@ -28,7 +29,7 @@ from sre2l_ray.data.datasets import STATS, ImageSet, load_split, to_uint8, train
 from sre2l_ray.data.synthetic import SyntheticStore
 from sre2l_ray.runtime import resolve_device, set_threads
 from sre2l_ray.stages.recover import BNStatHooks, Shard, plan_shards, prepare_teacher, real_init_indices, recover_shard
-from sre2l_ray.stages.select import candidate_indices, select_class
+from sre2l_ray.stages.select import candidate_indices, cluster_class, select_class
 from sre2l_ray.teacher import load_teacher
 
 
@@ -84,7 +85,7 @@ def batch_inputs(cfg: Config, real: RealImages | None, shard: Shard) -> dict[str
 
 def selects(cfg: Config) -> bool:
     """Teacher-scored real patches are picked: as the condensed images (method=select) or as recovery's start."""
-    return cfg.recover.method == "select" or cfg.recover.init == "select"
+    return cfg.recover.method == "select" or cfg.recover.init in ("select", "cluster")
 
 
 def needs_real_images(cfg: Config) -> bool:
@@ -160,12 +161,16 @@ class ShardRecoverer:
             # ipc indices (the same picks in every batch: selection is a pure function of teacher, class and seed).
             self.hooks.paused = True  # scoring forwards are not BN-matching batches
             try:
-                picked = {c: select_class(self.teacher, cand.to(self.device), c, rc.ipc, rc.select, self.cfg.seed, self.pixels.normalize)
-                          for c, cand in zip(shard.classes, candidates)}
+                pick = (
+                    (lambda c, cand: cluster_class(self.teacher, cand, c, rc.ipc, self.cfg.seed, self.pixels.normalize, rc.select.batch_size))
+                    if rc.init == "cluster" and rc.method == "optimise" else
+                    (lambda c, cand: select_class(self.teacher, cand, c, rc.ipc, rc.select, self.cfg.seed, self.pixels.normalize))
+                )
+                picked = {c: pick(c, cand.to(self.device)) for c, cand in zip(shard.classes, candidates)}
             finally:
                 self.hooks.paused = False
             chosen = torch.stack([picked[c][k] for c, k in targets])
-            if rc.method == "optimise":  # init=select: recovery starts from the selected patches
+            if rc.method == "optimise":  # init=select / cluster: recovery starts from the picked real images
                 init = chosen
         if candidates is not None and rc.method == "select":
             images, log = chosen, [{"step": 0}]

@@ -72,6 +72,23 @@ def test_select_init_starts_from_the_selected_patches(tmp_path: Path) -> None:
     assert (tmp_path / "init" / "class_stats.pt").is_file()
 
 
+def test_cluster_init_starts_from_distinct_real_images_of_each_class(tmp_path: Path) -> None:
+    from torchvision.io import decode_png
+
+    from sre2l_ray.data.datasets import load_split
+
+    cfg = _cfg("edc", tmp_path, "recover.init=cluster", "recover.lr=1.0e-9", "recover.iterations=2", "recover.select.candidates=20",
+               "evaluate.baselines=false", "relabel.epochs=1")
+    run_pipeline(cfg)
+    train = load_split(cfg.data, train=True)
+    store = synthetic_store(cfg, train.classes)
+    for c in range(10):
+        own = train.images[train.labels == c].flatten(1)
+        found = [int((own == decode_png(torch.frombuffer(bytearray(store.image_path(c, k).read_bytes()), dtype=torch.uint8)).flatten()).all(1).nonzero()[0])
+                 for k in range(cfg.recover.ipc)]
+        assert len(set(found)) == cfg.recover.ipc  # each a real image of its class, none twice
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["edc", "rded"])

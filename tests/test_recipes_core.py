@@ -254,6 +254,28 @@ def test_select_factor_two_tiles_the_downsampled_selected_crops() -> None:
             assert torch.equal(out[p:p + 1, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8], small), (t, p)
 
 
+def test_cluster_init_takes_one_image_per_look_distinct_and_seeded() -> None:
+    """k-means on the teacher's features: three looks of a class, one seen 16 times, give one start image each (a
+    random pick of 3 would mostly repeat the common look); picks are distinct and the same for the same seed."""
+    from torch import nn
+
+    from sre2l_ray.stages.select import cluster_class
+
+    g = torch.Generator().manual_seed(0)
+    looks = torch.zeros(3, 1, 8, 8)
+    looks[0, :, :4, :4], looks[1, :, 4:, :4], looks[2, :, :, 4:] = 200, 200, 200
+    group = torch.tensor([0] * 16 + [1, 1, 2, 2])
+    images = (looks[group] + 20 * torch.rand(len(group), 1, 8, 8, generator=g)).to(torch.uint8)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))  # features = the classifier's input = the pixels
+    picks = cluster_class(teacher, images, label=0, ipc=3, seed=1, normalize=lambda x: x / 255)
+    index = [int((images == p).flatten(1).all(1).nonzero()[0]) for p in picks]
+    assert sorted(group[index].tolist()) == [0, 1, 2] and len(set(index)) == 3
+    assert group[index[0]] == 0  # the largest cluster first
+    assert torch.equal(picks, cluster_class(teacher, images, label=0, ipc=3, seed=1, normalize=lambda x: x / 255))
+    with pytest.raises(ValueError, match="raise recover.select.candidates"):
+        cluster_class(teacher, images[:2], label=0, ipc=3, seed=1, normalize=lambda x: x / 255)
+
+
 def test_select_config_refuses_too_few_candidates() -> None:
     from sre2l_ray.config import ConfigError
 

@@ -107,3 +107,57 @@ def select_class(
     finally:
         teacher.train(was_training)
     return tile(patches, ipc, cfg.factor).round().clamp(0, 255).to(torch.uint8)
+
+
+def _penultimate(model: nn.Module) -> nn.Linear:
+    """The classifier: the model's last Linear layer, whose input is the feature vector clustering uses."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError("recover.init=cluster needs a teacher with a Linear classifier; use init real or select")
+    return linear[-1]
+
+
+@torch.no_grad()
+def teacher_features(
+    teacher: nn.Module, images: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
+) -> torch.Tensor:
+    """L2-normalised penultimate features of uint8 `images` (whole images, eval mode), [N, D] on the CPU."""
+    head, feats = _penultimate(teacher), []
+    hook = head.register_forward_hook(lambda _m, inputs, _out: feats.append(inputs[0].flatten(1).float().cpu()))
+    try:
+        for chunk in images.split(batch_size):
+            teacher(normalize(chunk.float()))
+    finally:
+        hook.remove()
+    return F.normalize(torch.cat(feats), dim=1)
+
+
+def cluster_class(
+    teacher: nn.Module, images: torch.Tensor, label: int, ipc: int, seed: int,
+    normalize: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 256,
+) -> torch.Tensor:
+    """recover.init=cluster: the class's `ipc` candidates nearest to the centres of k-means (k = ipc) on the teacher's
+    features, so the starting images cover the class instead of repeating its commonest look (a coverage pick in the
+    spirit of k-means coresets; a random pick of 50 often draws near-duplicates). `images` uint8 [M, C, S, S] from
+    `candidate_indices`; returns uint8 [ipc, ...], largest cluster first; a pure function of (teacher, images, label,
+    seed). k-means is scikit-learn's (seeded, one thread-independent Lloyd run per init)."""
+    from sklearn.cluster import KMeans
+
+    if images.shape[0] < ipc:
+        raise ValueError(f"{images.shape[0]} candidate images for {ipc} clusters; raise recover.select.candidates or lower recover.ipc")
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        feats = teacher_features(teacher, images, normalize, batch_size).double().numpy()
+    finally:
+        teacher.train(was_training)
+    km = KMeans(n_clusters=ipc, n_init=3, random_state=derive_seed(seed, _SELECT_STREAM, label) % 2**31).fit(feats)
+    sizes = torch.bincount(torch.from_numpy(km.labels_).long(), minlength=ipc)
+    order = torch.sort(-sizes, stable=True).indices  # largest cluster first, ties by centre index
+    dist = torch.cdist(torch.from_numpy(km.cluster_centers_), torch.from_numpy(feats))  # [ipc, M]
+    picks: list[int] = []
+    for c in order.tolist():  # the nearest candidate not already taken: ipc distinct images
+        ranked = torch.argsort(dist[c], stable=True).tolist()
+        picks.append(next(i for i in ranked if i not in picks))
+    return images[torch.tensor(picks)]
+
