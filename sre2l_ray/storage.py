@@ -99,7 +99,7 @@ def _explain(what: str, uri: str, err: BaseException) -> StorageError:
         return StorageError(f"{where}: the storage endpoint is unreachable ({_reason(err)}); check the URI's "
                             "endpoint_override and scheme, and that the server runs")
     if any(s in text for s in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied",
-                               "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403")):
+                               "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")):
         return StorageError(f"{where}: the storage refused the credentials ({_reason(err)}); set valid ones "
                             "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) with read and write access")
     if scheme == "s3" and not _credentials_visible():
@@ -344,7 +344,7 @@ def syncing(mirror: Mirror | None, every_s: float) -> Iterator[None]:
     except OSError as err:
         raise _explain("output_dir", mirror.remote.uri, err) from None
     print(f"storage: {got} file(s) pulled from {where} into '{mirror.local}'" if got else
-          f"storage: working in '{mirror.local}', pushed to {where}", file=sys.stderr)
+          f"storage: working in '{mirror.local}', synced with {where}", file=sys.stderr)
     stop = threading.Event()
     failed: list[BaseException] = []
 
