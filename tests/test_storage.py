@@ -76,6 +76,8 @@ def test_push_then_pull_into_a_fresh_staging_folder(tmp_path: Path) -> None:
     assert mirror.push() == 3
     got = sorted(p.relative_to(remote_dir).as_posix() for p in remote_dir.rglob("*") if p.is_file())
     assert got == ["results.json", "synthetic/.done/g0.json", "synthetic/00000_a/00000.png"]  # no temp key left
+    # Completion records (.json) reach the remote only after the files they vouch for.
+    assert (remote_dir / "synthetic/00000_a/00000.png").stat().st_mtime_ns <= (remote_dir / "synthetic/.done/g0.json").stat().st_mtime_ns
     assert mirror.push() == 0  # nothing changed since
     _write(stage / "results.json", '{"top1": 2}')
     assert mirror.push() == 1 and json.loads((remote_dir / "results.json").read_text()) == {"top1": 2}

@@ -40,8 +40,8 @@ class S3Server:
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
-        moto = Path(sys.executable).parent / "moto_server"
-        self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)], env={**os.environ, **(env or {})},
+        # `python -m moto.server` is the moto_server script, run by this interpreter whatever bin/ it lives in.
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)], env={**os.environ, **(env or {})},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         while True:
