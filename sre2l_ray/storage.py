@@ -344,7 +344,7 @@ def staged_config(cfg: Config) -> tuple[Config, Mirror | None]:
     """For a URI output_dir: open and probe it (and a URI ray.storage_path), and return the config the stages run
     with (output_dir = the local staging folder; ray.storage_path defaults to <output_dir URI>/ray) with its Mirror.
     A local output_dir comes back unchanged, with no Mirror. Nothing is written locally yet."""
-    if cfg.ray.storage_path and is_uri(cfg.ray.storage_path):
+    if cfg.ray.enabled and cfg.ray.storage_path and is_uri(cfg.ray.storage_path):  # only Ray Train uses it
         open_remote(cfg.ray.storage_path, "ray.storage_path")
     if not is_uri(cfg.output_dir):
         return cfg, None
