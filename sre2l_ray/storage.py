@@ -343,7 +343,7 @@ def _default_ray_storage(cfg: Config) -> str | None:
 def staged_config(cfg: Config) -> tuple[Config, Mirror | None]:
     """For a URI output_dir: open and probe it (and a URI ray.storage_path), and return the config the stages run
     with (output_dir = the local staging folder; ray.storage_path defaults to <output_dir URI>/ray) with its Mirror.
-    A local output_dir comes back unchanged, with no Mirror. Nothing is written locally yet."""
+    A local output_dir comes back unchanged, with no Mirror. Locally only the (empty) staging folder is made."""
     if cfg.ray.enabled and cfg.ray.storage_path and is_uri(cfg.ray.storage_path):  # only Ray Train uses it
         open_remote(cfg.ray.storage_path, "ray.storage_path")
     if not is_uri(cfg.output_dir):
@@ -372,17 +372,16 @@ def syncing(mirror: Mirror | None, every_s: float) -> Iterator[None]:
         raise _explain("output_dir", mirror.remote.uri, err) from None
     print(f"storage: {got} file(s) pulled from {where} into '{mirror.local}'" if got else
           f"storage: working in '{mirror.local}', synced with {where}", file=sys.stderr)
-    stop = threading.Event()
-    failed: list[BaseException] = []
+    stop, warned = threading.Event(), threading.Event()
 
     def loop() -> None:
         while not stop.wait(every_s):
             try:
                 mirror.push()
             except Exception as err:  # noqa: BLE001 - retried at the next tick and, for good, at the end
-                if not failed:
+                if not warned.is_set():  # one line, not one per tick
                     print(f"storage: push to {where} failed ({_reason(err)}); retrying", file=sys.stderr)
-                failed.append(err)
+                    warned.set()
 
     thread = threading.Thread(target=loop, name="sre2l-storage-push", daemon=True) if every_s > 0 else None
     if thread:
