@@ -202,10 +202,14 @@ def _run(ns: argparse.Namespace, argv: list[str] | None, prog: str = "sre2l") ->
         if ns.command == "compare":
             return _compare(cfg, ns)
         from sre2l_ray.rundir import hold
+        from sre2l_ray.storage import staged_config, syncing
 
+        # A URI output_dir is probed before anything is written, then worked on in its local staging folder (pulled
+        # first, pushed while the command runs and when it ends); a local one comes back as it is.
+        cfg, mirror = staged_config(cfg)
         # One run per output_dir at a time: a second one would interleave its writes with this one's.
         with hold(cfg.output_dir, " ".join([prog, *(sys.argv[1:] if argv is None else argv)])):
-            with _console(cfg.output_dir, ns.verbose, prog, argv):
+            with syncing(mirror, cfg.storage.sync_every_s), _console(cfg.output_dir, ns.verbose, prog, argv):
                 COMMANDS[ns.command][0](cfg)
     except KeyboardInterrupt:
         return interrupted(prog)

@@ -35,6 +35,45 @@ PIL_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
 """Pillow's default MAX_IMAGE_PIXELS (~89.5 M): the default image-size limit before decoding."""
 
 
+# pyarrow file systems a URI output_dir / ray.storage_path may name (pyarrow.fs.FileSystem.from_uri), and the ones
+# whose URIs must name a bucket or container.
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+_BUCKETED = ("s3", "gs", "gcs", "abfs", "abfss")
+
+
+def is_uri(text: str) -> bool:
+    """Whether a location is a URI (scheme://...) rather than a local path."""
+    return "://" in text
+
+
+def _location(v: str) -> str:
+    """A local path, or a URI of a file system pyarrow opens; the URI's syntax is checked here (no network), its
+    options and reachability when a command opens it (sre2l_ray/storage.py)."""
+    if not is_uri(v):
+        return v
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(v)
+    except ValueError as err:
+        raise ValueError(f"not a valid URI ({err})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in URI_SCHEMES:
+        raise ValueError(f"'{scheme}://' is not a file system pyarrow opens; use a local path or one of "
+                         + ", ".join(f"{s}://" for s in URI_SCHEMES))
+    if scheme in _BUCKETED and not parts.netloc:
+        raise ValueError(f"the URI needs a bucket, e.g. {scheme}://my-bucket/runs/x")
+    if scheme == "file" and (parts.netloc or not parts.path.startswith("/")):
+        raise ValueError("a file:// URI needs an absolute path, e.g. file:///data/runs/x")
+    if scheme in _BUCKETED and parts.path.strip("/") == "":
+        raise ValueError(f"name a folder inside the bucket, e.g. {scheme}://{parts.netloc}/runs/x (a run never owns a whole bucket)")
+    return v
+
+
+Location = Annotated[str, AfterValidator(_location)]
+"""A local folder or a pyarrow file-system URI (s3://bucket/path?endpoint_override=host:port&scheme=http, gs://...)."""
+
+
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -264,8 +303,9 @@ class RayConfig(_Group):
     poll_interval_s: Real = Field(0.5, gt=0)
     """How often the Ray Train controller polls its workers (Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s,
     wins when set): the end of a run and every report wait for the next poll."""
-    storage_path: str | None = None
-    """Ray Train storage (local/NFS path or s3://, gs://); None = <output_dir>/ray."""
+    storage_path: Location | None = None
+    """Ray Train storage: a local/NFS folder or a pyarrow URI (s3://, gs://, ...; see output_dir), where Ray Train
+    keeps its checkpoints itself; None = <output_dir>/ray (the URI's ray/ folder when output_dir is a URI)."""
 
 
 class TuneConfig(_Group):
@@ -285,9 +325,22 @@ class TuneConfig(_Group):
     0 = about 10 per trial. Scoring the full val set every epoch can cost more than the student's training."""
 
 
+class StorageConfig(_Group):
+    """How a URI output_dir is worked on (sre2l_ray/storage.py); changes no output."""
+
+    staging_dir: str | None = None
+    """Local working copy of a URI output_dir: pulled from it first (resume), pushed back while the command runs and
+    when it ends. None = <XDG cache, ~/.cache>/sre2l/staging/<bucket>/<path>-<hash>. Unused for a local output_dir."""
+    sync_every_s: Real = Field(60.0, ge=0)
+    """Seconds between pushes of new and changed files while a command runs (finished work reaches the URI even if
+    the machine is lost); 0 = only when the command ends."""
+
+
 class Config(_Group):
     seed: StrictInt = 0
-    output_dir: str = "runs/default"
+    output_dir: Location = "runs/default"
+    """Run folder: a local path, or a pyarrow file-system URI (s3://bucket/runs/x, with endpoint options as the URI's
+    query, e.g. ?endpoint_override=127.0.0.1:9000&scheme=http) whose work happens in storage.staging_dir."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     threads: StrictInt | None = Field(None, ge=1)
@@ -301,6 +354,7 @@ class Config(_Group):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     tune: TuneConfig = TuneConfig()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
     def _teacher_epoch_kept(self) -> Config:
@@ -322,6 +376,7 @@ class Config(_Group):
     def hashed(self, *sections: str) -> dict[str, Any]:
         """The named sections (all when none) as `hash` sees them: keys that do not change outputs left out."""
         dump = self.model_dump(mode="json")
+        dump.pop("storage")  # where the work is staged changes no output (and came after outputs existed)
         for section, keys in _NOT_HASHED.items():
             for k in keys:
                 dump[section].pop(k, None)

@@ -38,13 +38,14 @@ from torch import nn
 
 from sre2l_ray import logs
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
-from sre2l_ray.config import Config
+from sre2l_ray.config import Config, is_uri
 from sre2l_ray.data.datasets import ImageSet
 from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
 from sre2l_ray.runtime import resolve_device, set_threads
 from sre2l_ray.stages import relabel, squeeze
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
 from sre2l_ray.stages.training import DataShape, SplitShape, build_model
+from sre2l_ray.storage import storage_path
 from sre2l_ray.teacher import kept_teacher_path, load_teacher
 
 OnEpoch = Callable[[int, dict[str, float]], None]
@@ -236,9 +237,10 @@ def _fit(trainer: _Trainer, run_name: str, cfg: Config) -> Any:
 
 
 def _storage_path(cfg: Config) -> str:
-    if cfg.ray.storage_path and "://" in cfg.ray.storage_path:
-        return cfg.ray.storage_path
-    return str(Path(cfg.ray.storage_path or Path(cfg.output_dir) / "ray").resolve())
+    """Where Ray Train keeps this config's runs, for messages: the URI as given, or the local folder."""
+    from sre2l_ray.storage import shown, storage_path
+
+    return shown(cfg.ray.storage_path) if cfg.ray.storage_path and is_uri(cfg.ray.storage_path) else storage_path(cfg)[0]
 
 
 def run_training(
@@ -266,6 +268,9 @@ def run_training(
     resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     # A request the cluster can never hold would otherwise retry the worker group start every minute, for ever.
     check_fits(cfg.ray.num_workers, resources, "Ray Train workers", ("ray.num_workers", "ray.cpus_per_worker", *(("ray.use_gpu=false",) if gpu else ())))
+    # A URI storage_path is opened here with pyarrow and handed over as a file system, so its endpoint options
+    # (?endpoint_override=...&scheme=...) reach the controller and every worker.
+    storage, storage_fs = storage_path(cfg)
     trainer = _Trainer(
         _train_loop,
         train_loop_config={
@@ -280,7 +285,7 @@ def run_training(
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(
-            name=run_name, storage_path=_storage_path(cfg),
+            name=run_name, storage_path=storage, storage_filesystem=storage_fs,
             # Worker group starts that time out (busy cluster, lost node) count as controller failures, which Ray
             # retries without limit by default: bound them by the same budget as worker failures.
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=cfg.ray.max_failures),

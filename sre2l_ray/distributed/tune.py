@@ -24,13 +24,14 @@ from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from sre2l_ray import logs
-from sre2l_ray.config import Config, ConfigError, build_config, to_yaml
+from sre2l_ray.config import Config, ConfigError, build_config, is_uri, to_yaml
 from sre2l_ray.io import atomic_write_bytes, atomic_write_json
 from sre2l_ray.distributed.cluster import ensure_ray, threads_for
 from sre2l_ray.recipes import recipe_name, run_title
 from sre2l_ray.recovery import synthetic_store
 from sre2l_ray.teacher import load_teacher, teacher_path
 from sre2l_ray.tracking import Tracker, safe_params
+from sre2l_ray.storage import join_uri
 
 METRIC = "val_top1"
 EXPERIMENT_NAME = "search"  # Tune experiment folder under the storage path
@@ -317,7 +318,8 @@ def run_tune(cfg: Config, stages: Stages) -> dict[str, Any]:
         trainable = tune.with_resources(tune.with_parameters(_trial, base=trial_base, space=space, root=str(root), stages=stages), {"cpu": cpus})
         ps = param_space(space, cfg.tune.search)
         storage = cfg.ray.storage_path or str(root / "ray")
-        path = os.path.join(storage, EXPERIMENT_NAME) if "://" in storage else str(Path(storage).resolve() / EXPERIMENT_NAME)
+        # A URI's query holds its endpoint options, so the experiment's folder joins its path, not its end.
+        path = join_uri(storage, EXPERIMENT_NAME) if is_uri(storage) else str(Path(storage).resolve() / EXPERIMENT_NAME)
         if tune.Tuner.can_restore(path):
             print(f"resuming the interrupted search in {path}")
             tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=ps)
