@@ -150,6 +150,9 @@ class ShardRecoverer:
         self.pixels = ImageSet(torch.empty(0), torch.empty(0), store.classes, self.mean, self.std)
         self.bounds = self.pixels.pixel_bounds(self.device)
         self.shape = (int(meta["channels"]), int(meta["size"]), int(meta["size"]))
+        # A class's picks, kept across the recovery batches this worker runs: with ipc_per_batch < ipc every batch holds
+        # every class, and picking is a pure function of (teacher, candidates, class, seed), so once is enough.
+        self._picked: dict[int, torch.Tensor] = {}
 
     def run(self, shard: Shard, attempt: int = 1, init: torch.Tensor | None = None, candidates: list[torch.Tensor] | None = None) -> list[dict[str, float]]:
         """Make one recovery batch's images, write them (marker last), return its loss log. `init`: uint8 start images
@@ -166,7 +169,10 @@ class ShardRecoverer:
                     if rc.init == "cluster" and rc.method == "optimise" else
                     (lambda c, cand: select_class(self.teacher, cand, c, rc.ipc, rc.select, self.cfg.seed, self.pixels.normalize))
                 )
-                picked = {c: pick(c, cand.to(self.device)) for c, cand in zip(shard.classes, candidates)}
+                for c, cand in zip(shard.classes, candidates):
+                    if c not in self._picked:
+                        self._picked[c] = pick(c, cand.to(self.device))
+                picked = self._picked
             finally:
                 self.hooks.paused = False
             chosen = torch.stack([picked[c][k] for c, k in targets])
