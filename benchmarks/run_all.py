@@ -32,10 +32,12 @@ SMALL_ARGS: dict[str, list[str]] = {
 }
 SLOW = {"recipes", "tune_cost", "data_throughput", "tune_search", "soft_label_accuracy"}
 HARNESS_AWARE = {"recover_speed", "relabel_speed"}
+# Scripts here that are tools, not benchmarks (they write no result and take required arguments).
+TOOLS = {"run_all", "make_imagenet_shaped"}
 
 
 def scripts() -> list[str]:
-    return sorted(p.stem for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem != "run_all")
+    return sorted(p.stem for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem not in TOOLS)
 
 
 def main() -> None:

@@ -124,3 +124,42 @@ def test_pipeline_relabel_with_precomputed_labels(tmp_path: Path) -> None:
     files = sorted((tmp_path / "students" / "condensed" / "seed0" / "soft_labels").rglob("epoch-*.parquet"))
     assert len(files) == cfg.relabel.epochs
     assert not (tmp_path / "students" / "random_hard" / "seed0" / "soft_labels").exists()  # hard labels need no teacher outputs
+
+
+def _label_as_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    """One DDP rank (a process of its own, gloo) running Ray Train's precomputed-label step on a tiny set."""
+    import json
+
+    import torch.distributed as dist
+
+    from sre2l_ray.data.datasets import ImageSet
+    from sre2l_ray.distributed.train import _precomputed_loss
+    from sre2l_ray.models import create_model
+    from sre2l_ray.stages.relabel import freeze
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={out}", "relabel.epochs=4", "relabel.soft_labels=precomputed", "evaluate.batch_size=5"])
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8, generator=g), torch.arange(10), [str(c) for c in range(10)], (0.5,), (0.5,))
+    torch.manual_seed(0)
+    teacher = freeze(create_model("tiny_bn", 10, 1, 8))
+    calls: list[int] = []
+    teacher.register_forward_pre_hook(lambda *_: calls.append(1))
+    loss = _precomputed_loss(cfg, data, teacher, {"dir": f"{out}/labels", "source": "test"}, rank, world)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"forwards": len(calls), "epochs": sorted(loss.store.done_epochs())}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_labelling_and_wait_for_each_other(tmp_path: Path) -> None:
+    """Under DDP each rank labels the epochs e with e % world == rank (rank 0 used to label them all while the others
+    waited in a 30-minute barrier, too short for ImageNet), and every rank starts training only once all exist."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_label_as_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["forwards"] == 2 * 2  # its 2 of the 4 epochs, 10 views in teacher batches of 5
+        assert seen["epochs"] == [0, 1, 2, 3]  # the other rank's epochs were there before it went on

@@ -61,3 +61,16 @@ def test_temps_left_by_a_killed_writer_are_swept_on_the_next_stage(tmp_path: Pat
     run_squeeze(cfg)
     assert not stale.exists() and live.exists() and keep.exists()
     assert sweep_stale_temps(out, older_than_s=0) == 1 and not live.exists()
+
+
+def test_a_subset_loads_without_decoding_the_rest(tmp_path: Path) -> None:
+    """The grid of a large set decodes only the pictured classes and ipc indices, in the order of a full load."""
+    store = SyntheticStore(tmp_path, ["a", "b", "c"], ipc=3, config_hash="h", seed=0)
+    store.open()
+    imgs = torch.randint(0, 256, (9, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    store.write_shard("s", [0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 1, 2] * 3, imgs)
+    x, y = store.load()
+    store.image_path(2, 2).unlink()  # outside the subset: never read
+    sub, labels = store.load(range(2), range(2))
+    keep = torch.tensor([0, 1, 3, 4])
+    assert torch.equal(sub, x[keep]) and labels.tolist() == [0, 0, 1, 1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -82,13 +82,14 @@ class SyntheticStore:
     def finalize(self) -> None:
         self._write_manifest()
 
-    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images as uint8 [N, C, H, W] with labels, class-major; errors if any image is missing."""
+    def load(self, classes: Iterable[int] | None = None, ipc_indices: Iterable[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images as uint8 [N, C, H, W] with labels, class-major: all of them, or only these classes and ipc
+        indices (a picture of an ImageNet-sized set need not decode its 7.5 GB); errors if any image is missing."""
         from torchvision.io import decode_png
 
         images, labels = [], []
-        for c in range(len(self.classes)):
-            for k in range(self.ipc):
+        for c in range(len(self.classes)) if classes is None else classes:
+            for k in range(self.ipc) if ipc_indices is None else list(ipc_indices):
                 p = self.image_path(c, k)
                 if not p.is_file():
                     raise DatasetError(f"synthetic image '{p}' is missing; rerun `sre2l recover` to finish the set")

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -173,15 +174,27 @@ def _xy(shard: Any, batch_size: int, device: torch.device) -> Iterator[tuple[tor
     return ((x, y) for x, y, _ in iter_image_batches(shard, batch_size, device))
 
 
+# How long ranks wait for each other's soft-label epochs. The process group's own timeout (Ray Train's TorchConfig,
+# 30 min) is far shorter than labelling an ImageNet-sized set (docs/SCALING.md: hours per rank); a rank that dies
+# does not leave the others waiting this long, since Ray Train then stops the whole worker group.
+LABEL_WAIT = timedelta(days=7)
+
+
 def _precomputed_loss(cfg: Config, data: ImageSet, teacher: nn.Module, where: dict[str, str], rank: int, world: int):
-    """relabel.soft_labels=precomputed: rank 0 generates any missing label epochs, the other ranks then replay them."""
+    """relabel.soft_labels=precomputed: every rank generates its share of the missing label epochs (epoch % world ==
+    rank), waits for the others', then replays them all.
+
+    Rank 0 used to label every epoch while the others waited in a barrier of the process group: the labelling took
+    world times longer than needed, and past the group's 30-minute timeout (an ImageNet-sized set) the waiting
+    ranks' barrier failed and the run with it."""
     from sre2l_ray.stages.soft_labels import precomputed_student_loss
 
-    if world > 1 and rank != 0:
-        torch.distributed.barrier()
-    loss = precomputed_student_loss(cfg, data, teacher, Path(where["dir"]), where["source"])
-    if world > 1 and rank == 0:
-        torch.distributed.barrier()
+    loss = precomputed_student_loss(cfg, data, teacher, Path(where["dir"]), where["source"], epochs=range(rank, cfg.relabel.epochs, world))
+    if world > 1:
+        # A gloo group of its own (also beside NCCL) with a timeout that outlasts the labelling.
+        group = torch.distributed.new_group(backend="gloo", timeout=LABEL_WAIT)
+        torch.distributed.barrier(group=group)
+        torch.distributed.destroy_process_group(group)
     return loss
 
 

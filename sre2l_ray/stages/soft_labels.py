@@ -236,11 +236,13 @@ class PrecomputedSoftLoss:
 
 def precomputed_student_loss(
     cfg: Config, data: ImageSet, teacher: nn.Module, label_dir: Path, source: str,
-    on_epoch: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int], None] | None = None, epochs: Iterable[int] | None = None,
 ) -> LossFn:
-    """Generate any missing epochs of labels for `data` (already on its training device), then a replaying LossFn."""
+    """Generate any missing epochs of labels for `data` (already on its training device), then a replaying LossFn.
+    `epochs`: only these of the relabel epochs (a DDP rank's share; the others' files must exist before training)."""
     store = SoftLabelStore(label_dir, spec_from_config(cfg, data, source))
-    generate_soft_labels(teacher, data, store, range(cfg.relabel.epochs), cfg.evaluate.batch_size, cfg.channels_last, on_epoch)
+    todo = range(cfg.relabel.epochs) if epochs is None else epochs
+    generate_soft_labels(teacher, data, store, todo, cfg.evaluate.batch_size, cfg.channels_last, on_epoch)
     return PrecomputedSoftLoss(store, data.images.device)
 
 
