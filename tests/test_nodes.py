@@ -33,6 +33,11 @@ from test_faults import SETTINGS, assert_nothing_partial, assert_same
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
+# test_faults' settings (one torch thread, stages long enough to be killed inside), with recovery cut into 20 shards
+# of one image each, so shards are still queued when a node is lost, one more squeeze epoch to land a kill inside
+# it, and relabel (not killed here) at tiny.yaml's 2 epochs.
+LONGER = ["recover.classes_per_batch=1", "squeeze.epochs=4", "relabel.epochs=2"]
+SHARDS = 20
 ON_NODES = ["ray.enabled=true", "ray.num_actors=2", "ray.cpus_per_actor=1", "ray.num_workers=2", "ray.cpus_per_worker=1",
             "ray.placement=spread", "ray.checkpoint_every_s=0", "ray.max_failures=2", "evaluate.baselines=false"]
 
@@ -44,9 +49,9 @@ def nodes():
 
 
 @pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory):
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on a free loopback port (sqlite backend, served artifacts), as the README prescribes
-    for several nodes; stopped afterwards."""
+    for several nodes; stopped afterwards. Yields (uri, wait): it starts while the nodes do, `wait()` until it answers."""
     d = tmp_path_factory.mktemp("mlflow")
     uri = f"http://127.0.0.1:{_free_port()}"
     proc = subprocess.Popen(
@@ -54,16 +59,19 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory):
          "--backend-store-uri", f"sqlite:///{d}/m.db", "--artifacts-destination", str(d / "artifacts")],
         stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=d,
     )
-    try:
+
+    def wait() -> None:
         deadline = time.monotonic() + 90
         while True:
             try:
                 urllib.request.urlopen(f"{uri}/health", timeout=1).close()
-                break
+                return
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, (d / "server.log").read_text()[-2000:]
                 time.sleep(0.5)
-        yield uri
+
+    try:
+        yield uri, wait
     finally:
         proc.terminate()
         try:
@@ -86,7 +94,7 @@ def _submit(address: str, job_id: str, out: Path, *extra: str) -> None:
         r = subprocess.run(
             [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--submission-id={job_id}", "--no-wait",
              f"--working-dir={ROOT}", "--", "python", "jobs/pipeline.py", "--config", "configs/tiny.yaml", f"output_dir={out}",
-             f"ray.storage_path={out.parent / (out.name + '-train')}", *SETTINGS, *ON_NODES, *extra],
+             f"ray.storage_path={out.parent / (out.name + '-train')}", *SETTINGS, *LONGER, *ON_NODES, *extra],
             env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=120,
         )
         if r.returncode == 0 or "No available agent" not in r.stderr or time.monotonic() > deadline:
@@ -131,25 +139,27 @@ def _train_states(out: Path, stage: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(nodes, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+def uninterrupted(mlflow_server, nodes, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     out = tmp_path_factory.mktemp("nodes") / "uninterrupted"
+    uri, wait = mlflow_server
+    wait()
+    print(f"\nnodes up in {nodes.started_s:.1f} s; mlflow server up")
     t0 = time.monotonic()
-    print(f"\ncluster {nodes.started_s:.1f} s; mlflow server up")
-    _submit(nodes.address, "sre2l-nodes-reference", out, "tracking.enabled=true", f"tracking.uri={mlflow_uri}",
+    _submit(nodes.address, "sre2l-nodes-reference", out, "tracking.enabled=true", f"tracking.uri={uri}",
             "tracking.experiment=nodes")
     status, logs = _finish(nodes.address, "sre2l-nodes-reference")
     print(f"uninterrupted job: {time.monotonic() - t0:.1f} s")
     return out, status, logs
 
 
-def test_job_on_three_nodes_spreads_actors_and_workers(nodes, uninterrupted, mlflow_uri: str) -> None:
+def test_job_on_three_nodes_spreads_actors_and_workers(nodes, uninterrupted, mlflow_server) -> None:
     out, status, logs = uninterrupted
     assert status == "SUCCEEDED", logs[-3000:]
     assert "condensed+soft" in logs, "the job printed the results table"
     everyone = {nodes.head_id, *nodes.worker_ids}
     # Recovery: two actors on two nodes, each shard marker naming the node that made its images.
     markers = _markers(out)
-    assert len(markers) == 10 and all(m["attempt"] == 1 for m in markers)
+    assert len(markers) == SHARDS and all(m["attempt"] == 1 for m in markers)
     made_on = {m["node_id"] for m in markers}
     assert len(made_on) == 2 and made_on <= everyone, made_on
     # Train: squeeze's and relabel's two DDP ranks on two different nodes, one attempt each.
@@ -161,7 +171,7 @@ def test_job_on_three_nodes_spreads_actors_and_workers(nodes, uninterrupted, mlf
     # MLflow through the server: the pipeline run with its stages nested under it.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=mlflow_uri)
+    client = MlflowClient(tracking_uri=mlflow_server[0])
     runs = client.search_runs([client.get_experiment_by_name("nodes").experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     nested = {r.data.tags.get("stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
@@ -179,14 +189,16 @@ def test_worker_nodes_killed_mid_training_and_mid_recovery_same_outputs(nodes, u
         if "squeeze" not in killed:
             states = _train_states(out, "squeeze")
             if states:  # the first checkpoint is stored: kill a worker node holding a rank
-                victim = next(n for n in states[0]["nodes"][-1] if n != nodes.head_id)
+                ranks = states[0]["nodes"][-1]
+                assert set(ranks) - {nodes.head_id}, f"both ranks on the head, none on a worker node to kill: {ranks}"
+                victim = next(n for n in ranks if n != nodes.head_id)
                 nodes.kill(victim)
                 killed["squeeze"] = victim
         elif "recover" not in killed:
             [survivor] = nodes.worker_ids
             markers = _markers(out)
             if any(m.get("node_id") == survivor for m in markers):  # its actor finished a shard and took the next
-                assert len(markers) < 10, "recovery ended before the second node could be killed"
+                assert len(markers) <= SHARDS - 4, f"{len(markers)} shards done: too late to kill while shards are queued"
                 nodes.kill(survivor)
                 killed["recover"] = survivor
 
@@ -203,7 +215,7 @@ def test_worker_nodes_killed_mid_training_and_mid_recovery_same_outputs(nodes, u
     assert killed["squeeze"] in last["nodes"][0] and killed["squeeze"] not in last["nodes"][1], last["nodes"]
     # Recovery: the lost node had made images; its unfinished shard was redone elsewhere (attempt 2).
     markers = _markers(out)
-    assert len(markers) == 10 and any(m["node_id"] == killed["recover"] for m in markers)
+    assert len(markers) == SHARDS and any(m["node_id"] == killed["recover"] for m in markers)
     redone = [m for m in markers if m["attempt"] == 2]
     assert redone and all(m["node_id"] != killed["recover"] for m in redone), redone
     # Relabel ran after both losses: both ranks on the head.
