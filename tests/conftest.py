@@ -166,7 +166,11 @@ def ray_nodes(workers: int = 2, head_cpus: float = 2, worker_cpus: float = 1) ->
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        shutil.rmtree(root, ignore_errors=True)
+        for _ in range(3):  # a node process still exiting may write one last log file meanwhile
+            shutil.rmtree(root, ignore_errors=True)
+            if not root.exists():
+                break
+            time.sleep(1)
 
 
 def bomb_png(width: int = 50000, height: int = 50000) -> bytes:
