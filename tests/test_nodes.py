@@ -6,10 +6,13 @@ a path every node sees (one machine: any path).
    records (each shard marker's `node_id`, each Train checkpoint's `nodes` per attempt); the runs are in MLflow.
 2. The same job with a worker node killed mid-training (squeeze, after its first checkpoint) and the other one
    mid-recovery (after it finished a shard, while shards remain): the job finishes on the surviving nodes and every
-   output equals the uninterrupted job's (test_faults.fingerprint: PNG bytes, teacher and student weights/metrics).
+   output equals the uninterrupted job's (test_faults.assert_same: PNG bytes, grid, teacher weights and metrics,
+   results, finished shards; plus every student's weights here).
 
 The head has 2 CPUs and each worker node 1, with ray.placement=spread: two actors or workers land on two nodes, and
-after both worker nodes are gone the head alone still holds two.
+after both worker nodes are gone the head alone still holds two. Only worker nodes are killed: the job's driver and
+the Train controller live on the head (the job server and Ray Train put them there), as on a real cluster, where
+losing the head ends the job.
 """
 
 from __future__ import annotations
