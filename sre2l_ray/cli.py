@@ -238,13 +238,12 @@ def _cwd_gone() -> bool:
 
 
 def _lost_cwd() -> str:
-    """The deleted working directory's path: as it was at start, else as Linux still names it ("<path> (deleted)")."""
-    if _started_in:
-        return _started_in
+    """The deleted working directory's path: as Linux still names it ("<path> (deleted)"), else (no /proc) the one
+    this run started in."""
     try:
         return os.readlink("/proc/self/cwd").removesuffix(" (deleted)")
     except OSError:
-        return "?"
+        return _started_in or "?"
 
 
 def describe_error(err: Exception) -> str:
