@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None, prog: str = "sre2l") -> int:
     if stray:
         ns.args = list(getattr(ns, "args", [])) + stray
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    global _started_in
+    try:
+        _started_in = os.getcwd()
+    except OSError:
+        _started_in = None
     with signals_as_interrupts():
         return _run(ns, argv, prog)
 
@@ -215,12 +220,47 @@ def _run(ns: argparse.Namespace, argv: list[str] | None, prog: str = "sre2l") ->
         return interrupted(prog)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
         # A stage that turned the interrupt into its own error (Tune's "search interrupted") still exits as one.
-        return interrupted(prog) if _received else _error(str(err), prog)
+        return interrupted(prog) if _received else _error(describe_error(err), prog)
     except OSError as err:  # disk full, read-only or not-a-folder output: outputs are written atomically, so none is half-written
+        if _cwd_gone():
+            return _error(describe_error(err), prog)
         where = f" '{err.filename}'" if err.filename else ""
         return _error(f"{err.strerror or err}{where}; free disk space or make output_dir a writable folder "
                       "(and data.root readable), then rerun to resume", prog)
     return 0
+
+
+_started_in: str | None = None  # the working directory at start, to name it should it vanish under the run
+
+
+def _cwd_gone() -> bool:
+    try:
+        os.getcwd()
+        return False
+    except FileNotFoundError:
+        return True
+
+
+def _lost_cwd() -> str:
+    """The deleted working directory's path: as Linux still names it ("<path> (deleted)"), else (no /proc) the one
+    this run started in."""
+    try:
+        return os.readlink("/proc/self/cwd").removesuffix(" (deleted)")
+    except OSError:
+        return _started_in or "?"
+
+
+def describe_error(err: Exception) -> str:
+    """The one-line message of an error that ends a run. A missing file names its path; when the working directory
+    itself was deleted under the run, `os.getcwd()` (and relative paths) fail with no path at all, which printed only
+    "[Errno 2] No such file or directory": name the folder and the usual cause instead."""
+    if isinstance(err, OSError) and _cwd_gone():
+        return (f"{err.strerror or err}: the working directory '{_lost_cwd()}' was deleted while this run used it "
+                "(Ray nodes on one machine that share a temp dir delete each other's job working dirs: give each node "
+                "its own --temp-dir); run from a folder that stays, with absolute output_dir and data.root")
+    if isinstance(err, OSError) and not err.filename and err.strerror:
+        return f"{err.strerror} (the failing call named no path); check output_dir, data.root and the working directory"
+    return str(err)
 
 
 def _console(output_dir: str, verbose: bool, prog: str, argv: list[str] | None):

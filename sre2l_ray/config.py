@@ -294,6 +294,9 @@ class RayConfig(_Group):
     num_actors: StrictInt = Field(1, ge=1)
     """Recovery actors."""
     cpus_per_actor: Real = Field(1.0, gt=0)
+    placement: Literal["pack", "spread"] = "pack"
+    """How recovery actors and Train workers sit on nodes: pack (Ray's default: fill a node first, DDP talks within
+    it) or spread (one per node where there are enough: every node's cores and memory used, a lost node takes fewer)."""
     use_gpu: bool | None = None
     """None = use GPUs when the cluster has them."""
     max_failures: StrictInt = Field(2, ge=0)

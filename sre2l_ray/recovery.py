@@ -154,6 +154,10 @@ class ShardRecoverer:
         # every class, and picking is a pure function of (teacher, candidates, class, seed), so once is enough.
         self._picked: dict[int, torch.Tensor] = {}
 
+    def where(self) -> dict[str, Any]:
+        """Where this worker runs, for each shard's marker beside its pid (the Ray actor adds its node id)."""
+        return {}
+
     def run(self, shard: Shard, attempt: int = 1, init: torch.Tensor | None = None, candidates: list[torch.Tensor] | None = None) -> list[dict[str, float]]:
         """Make one recovery batch's images, write them (marker last), return its loss log. `init`: uint8 start images
         (recover.init=real); `candidates`: per class of the batch, uint8 real images to select from (method=select)."""
@@ -187,7 +191,7 @@ class ShardRecoverer:
                 log_every=100, init=start,
             )
             images = to_uint8(normalised, self.mean, self.std)
-        info = {"final_loss": log[-1], "attempt": attempt, "pid": os.getpid()}
+        info = {"final_loss": log[-1], "attempt": attempt, "pid": os.getpid(), **self.where()}
         self.store.write_shard(shard.id, [c for c, _ in targets], [k for _, k in targets], images, info)
         return log
 

@@ -8,7 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -80,6 +82,95 @@ def ray_head(env: dict[str, str], offset: int) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 continue
         shutil.rmtree(temp, ignore_errors=True)
+
+
+class LocalNodes:
+    """A head and worker nodes of one Ray cluster on this machine (see `ray_nodes`)."""
+
+    def __init__(self, cluster, address: str):
+        self.cluster = cluster
+        self.address = address  # the job server (dashboard) on 127.0.0.1, for `ray job submit --address`
+        self.head_id: str = cluster.head_node.node_id
+        self.started_s = 0.0  # seconds the nodes and the job server took to come up
+
+    @property
+    def worker_ids(self) -> list[str]:
+        """Node ids of the worker nodes still running."""
+        return [n.node_id for n in self.cluster.worker_nodes]
+
+    def kill(self, node_id: str) -> None:
+        """Stop a worker node at once (SIGKILL of its raylet, object store, agents and workers), as a lost machine."""
+        [node] = [n for n in self.cluster.worker_nodes if n.node_id == node_id]
+        self.cluster.remove_node(node, allow_graceful=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_nodes(workers: int = 2, head_cpus: float = 2, worker_cpus: float = 1) -> Iterator[LocalNodes]:
+    """A Ray cluster of a head and `workers` worker nodes on this machine (ray.cluster_utils.Cluster), all on
+    127.0.0.1 with the job server on a free loopback port; stopped (every node's processes) when the block ends.
+
+    `ray start --address` refuses a second node on one machine while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray on
+    loopback, so the nodes are started in this process. Each node gets a temp dir of its own: a worker node sharing
+    the head's deletes the job's uploaded working dir (runtime_resources/) under the running job.
+
+    RAY_TMPDIR points at a private folder meanwhile, whose ray/ is the head's temp dir: Cluster writes its "current
+    cluster" address file to $RAY_TMPDIR/ray, and the job server gives a job's driver the address it finds in the
+    head's temp dir, else any GCS running on the machine (another session's cluster: the driver then failed to
+    connect, "InvalidAuthToken"). So the two must be one folder, and never /tmp/ray, where any other `ray.init()` on
+    the machine would join this cluster. Node death is noticed within about 2 s instead of Ray's default 15 s (a test
+    kills nodes)."""
+    from ray.cluster_utils import Cluster
+
+    root = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's unix sockets live under it
+    before = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PATH")}
+    os.environ["RAY_TMPDIR"] = str(root)
+    # The nodes inherit this process's environment: a job's `python` must be this interpreter (the project's venv).
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    cluster, t0 = None, time.monotonic()
+    try:
+        port = _free_port()
+        cluster = Cluster(initialize_head=True, head_node_args=dict(
+            num_cpus=head_cpus, temp_dir=str(root / "ray"), node_ip_address="127.0.0.1", include_dashboard=True,
+            # Ray's default agent port (52365) may be another cluster's on this machine: the job server then finds
+            # no agent on the head and refuses every submission ("No available agent").
+            dashboard_host="127.0.0.1", dashboard_port=port, dashboard_agent_listen_port=_free_port(),
+            _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 3},
+        ))
+        for i in range(workers):
+            cluster.add_node(num_cpus=worker_cpus, temp_dir=str(root / f"w{i}"), node_ip_address="127.0.0.1")
+        address = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:  # the nodes are up; the dashboard's job server may still be starting
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the head's job server did not answer"
+                time.sleep(0.5)
+        nodes = LocalNodes(cluster, address)
+        nodes.started_s = time.monotonic() - t0
+        yield nodes
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for _ in range(3):  # a node process still exiting may write one last log file meanwhile
+            shutil.rmtree(root, ignore_errors=True)
+            if not root.exists():
+                break
+            time.sleep(1)
 
 
 def bomb_png(width: int = 50000, height: int = 50000) -> bytes:

@@ -7,6 +7,7 @@ files (test_datasets.py), unknown/mistyped config keys (test_config.py, test_pip
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -232,3 +233,21 @@ def test_job_entrypoints_are_the_cli_with_their_own_name(tmp_path: Path) -> None
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("jobs/squeeze.py: error: config key 'recover.ipc'"), r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "jobs/tune.py tune" in r.stdout and "CONFIG.yaml" in r.stdout
+
+
+def test_deleted_working_directory_is_named(capsys, tmp_path: Path, monkeypatch) -> None:
+    """A Ray job's uploaded working dir deleted under the run (two nodes on one machine sharing a temp dir) printed
+    only `jobs/pipeline.py: error: [Errno 2] No such file or directory`: the line now names the folder and the cause."""
+    gone = tmp_path / "job_working_dir"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(FileNotFoundError) as lost:
+        os.getcwd()
+    assert lost.value.filename is None  # the call that failed in torch's import: no path of its own
+    msg = cli.describe_error(lost.value)
+    assert str(gone) in msg and "deleted" in msg and "--temp-dir" in msg, msg
+    # Through the CLI: a relative output_dir under the vanished folder (the old line named only 'out').
+    err = _fail(capsys, "output_dir=out", command="squeeze")
+    assert f"the working directory '{gone}' was deleted" in err and "run from a folder that stays" in err, err
+    assert not (tmp_path / "out").exists()

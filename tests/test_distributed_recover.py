@@ -60,6 +60,7 @@ def test_killed_actor_is_replaced_and_every_image_written_once(ray_local, tiny_c
     assert set(marks) == {s.id for s in todo}
     assert any(m["attempt"] == 2 for m in marks.values()), "the killed actor's shard was handed out again"
     assert len({m["pid"] for m in marks.values()}) >= 2
+    assert {m["node_id"] for m in marks.values()} == {ray_local.get_runtime_context().get_node_id()}, "the one node's id"
     _assert_complete(store.root, 10, cfg.recover.ipc)
 
 

@@ -29,6 +29,8 @@ def test_ddp_squeeze_two_workers(ray_local, tiny_config):
     last = max((p for p in run.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
     state = load_checkpoint(last / "state.pt")
     assert state["world"] == 2 and state["attempts"] == [0] and state["epoch"] == cfg.squeeze.epochs - 1
+    # ... and where they ran: both ranks on this one-node cluster's node (tests/test_nodes.py: several nodes).
+    assert state["nodes"] == [[ray_local.get_runtime_context().get_node_id()] * 2]
 
 
 def test_failed_run_resumes_on_rerun_and_a_failed_worker_is_replaced(ray_local, tiny_config, tmp_path, monkeypatch):

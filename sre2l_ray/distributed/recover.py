@@ -37,8 +37,15 @@ from sre2l_ray.stages.recover import Shard
 ACTOR_PREFIX = "sre2l-recover"
 
 
-# The in-process recovery worker (recovery.ShardRecoverer), as a Ray actor.
-RecoverActor = ray.remote(ShardRecoverer)
+class _NodeShardRecoverer(ShardRecoverer):
+    """The in-process recovery worker, plus the Ray node it runs on in each shard's marker (which node made which
+    images: spread and rescheduling on several nodes can be checked from the outputs)."""
+
+    def where(self) -> dict[str, Any]:
+        return {"node_id": ray.get_runtime_context().get_node_id()}
+
+
+RecoverActor = ray.remote(_NodeShardRecoverer)
 
 
 def recover_on_actors(
@@ -60,7 +67,8 @@ def recover_on_actors(
         spawned[0] += 1
         # Named so tests and operators can find (and kill) them: sre2l-recover-<run>-<n>.
         return RecoverActor.options(
-            name=f"{ACTOR_PREFIX}-{run_tag}-{spawned[0]}", num_cpus=cfg.ray.cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=0
+            name=f"{ACTOR_PREFIX}-{run_tag}-{spawned[0]}", num_cpus=cfg.ray.cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=0,
+            scheduling_strategy="SPREAD" if cfg.ray.placement == "spread" else "DEFAULT",
         ).remote(cfg.model_dump(mode="json"), store, meta_small, threads_for(cfg.ray.cpus_per_actor))
 
     queue: deque[tuple[Shard, int]] = deque((s, 1) for s in todo)

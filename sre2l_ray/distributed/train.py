@@ -7,10 +7,11 @@ Data stream (read_parquet -> decode -> crop/flip, distributed/data.py) and rank 
 so an ImageNet-sized split is never held in memory.
 
 Epochs end with `ray.train.report(metrics, checkpoint)` (every epoch, or every `ray.checkpoint_every_s` seconds
-of training when epochs are short: see `_report_every`); the checkpoint holds model, optimizer, scheduler, epoch
-and the metrics history. The run is named from the stage and a hash of the config sections that decide its result,
-under `ray.storage_path` (default <output_dir>/ray), so rerunning the same stage resumes from the last checkpoint,
-and `FailureConfig(max_failures)` replaces a worker that dies and continues from that checkpoint.
+of training when epochs are short: see `_report_every`); the checkpoint holds model, optimizer, scheduler, epoch,
+the metrics history and, per attempt, the Ray node of each rank. The run is named from the stage and a hash of the
+config sections that decide its result, under `ray.storage_path` (default <output_dir>/ray), so rerunning the
+same stage resumes from the last checkpoint, and `FailureConfig(max_failures)` replaces a worker that dies (or the
+node under it) and continues from that checkpoint.
 
 Test hook: when the driver's environment has SRE2L_FAULT_FILE=<path> and that file exists, rank 0 deletes it and
 raises once at the start of the next epoch after the first checkpoint; tests use it to prove resumption.
@@ -58,13 +59,15 @@ _USER_POLL = os.environ.get(POLL_ENV)  # an interval the user exported wins over
 
 @dataclass
 class TrainOutcome:
-    """What a finished Ray Train run leaves: final weights, per-epoch metrics, and the start epoch of each attempt
-    (worker group start or rerun) that saved at least one checkpoint."""
+    """What a finished Ray Train run leaves: final weights, per-epoch metrics, the start epoch of each attempt
+    (worker group start or rerun) that saved at least one checkpoint, and per such attempt the Ray node id of each
+    rank (empty for attempts checkpointed before nodes were recorded)."""
 
     model_state: dict[str, torch.Tensor]
     history: list[dict[str, float]]
     attempts: list[int]
     world: int
+    nodes: list[list[str]]
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -90,7 +93,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     ema = relabel.build_ema(cfg, data, device) if kind == "relabel" else None
     epochs = cfg.squeeze.epochs if kind == "squeeze" else cfg.relabel.epochs
 
-    start, history, attempts = 0, [], []
+    start, history, attempts, nodes = 0, [], [], []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -100,9 +103,11 @@ def _train_loop(config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, history, attempts = int(state["epoch"]) + 1, list(state["history"]), list(state["attempts"])
+        nodes = list(state.get("nodes", [[] for _ in attempts]))  # checkpoints written before nodes were recorded
         if ema is not None:
             ema.load_state_dict(state["ema"])
     attempts.append(start)
+    nodes.append(_rank_nodes(world))
 
     if kind == "squeeze" and stream:
         shard = ray.train.get_dataset_shard("train")  # this rank's equal share, reshuffled block order each epoch
@@ -146,12 +151,23 @@ def _train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 save_checkpoint(
                     Path(d) / STATE_FILE, model=getattr(model, "module", model).state_dict(), optimizer=opt.state_dict(),
-                    scheduler=sched.state_dict(), epoch=epoch, history=history, attempts=attempts, world=world,
+                    scheduler=sched.state_dict(), epoch=epoch, history=history, attempts=attempts, world=world, nodes=nodes,
                     **({"ema": ema.state_dict()} if ema is not None else {}),
                 )
                 checkpoint = Checkpoint.from_directory(d)
             # Metrics are rank 0's (its share of the epoch); every rank must call report the same number of times.
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _rank_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (gathered once per attempt, so a checkpoint says where each
+    attempt ran: on several nodes, which ranks a lost node took and where their replacements went)."""
+    here = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [here]
+    everyone: list[str | None] = [None] * world
+    torch.distributed.all_gather_object(everyone, here)
+    return [str(n) for n in everyone]
 
 
 def _report_every(epoch_s: float, interval_s: float, world: int, device: torch.device) -> int:
@@ -295,7 +311,8 @@ def run_training(
         },
         datasets=datasets,
         dataset_config=dataset_config,
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu, resources_per_worker=resources,
+                                     placement_strategy="SPREAD" if cfg.ray.placement == "spread" else "PACK"),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(
             name=run_name, storage_path=storage, storage_filesystem=storage_fs,
@@ -311,7 +328,8 @@ def run_training(
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / STATE_FILE)
     # With relabel.ema_decay the weight average, not the last weights, is the trained student.
-    return TrainOutcome(state.get("ema", state["model"]), list(state["history"]), list(state["attempts"]), int(state["world"]))
+    return TrainOutcome(state.get("ema", state["model"]), list(state["history"]), list(state["attempts"]), int(state["world"]),
+                        [list(n) for n in state.get("nodes", [])])
 
 
 def _replay(outcome: TrainOutcome, on_epoch: OnEpoch | None) -> None:
