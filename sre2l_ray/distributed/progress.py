@@ -6,8 +6,8 @@ driver (`_Sink`, no CPU reserved) holds events; a worker or actor puts events on
 forget: an epoch costs one actor call) and the driver drains them with a `Channel`, on a thread while fit() blocks
 (`Channel.live`) or in its own wait loop (recovery), and hands them to the pipeline's callbacks (bars, MLflow).
 
-Every event carries its process's peak resident memory (runtime.process_peak_mb), so the stage's memory figure
-counts the workers and actors too (runtime.note_process_peak); each worker also sends a last, awaited event before it
+Every event carries its process's peak resident memory (memory.process_peak_mb), so the stage's memory figure
+counts the workers and actors too (memory.note_process_peak, read by runtime.measure); each worker also sends a last, awaited event before it
 returns, so the driver's final drain has every process's final peak.
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import ray
 from ray.exceptions import RayError
 
-from sre2l_ray.runtime import cuda_peak_mb, note_process_peak, process_peak_mb
+from sre2l_ray.memory import cuda_peak_mb, note_process_peak, process_peak_mb
 
 Event = dict[str, Any]
 
