@@ -10,7 +10,9 @@ from typing import Iterator
 
 import torch
 
-from sre2l_ray.memory import PeakSampler, cuda_peak_mb, note_process_peak, other_processes, process_peak_mb  # noqa: F401 - re-exported
+from sre2l_ray.memory import (  # noqa: F401 - re-exported (benchmarks/memory.py reads _rss_bytes)
+    PeakSampler, _rss_bytes, cuda_peak_mb, note_process_peak, other_processes, process_peak_mb,
+)
 
 
 def resolve_device(name: str) -> torch.device:

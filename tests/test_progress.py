@@ -30,6 +30,34 @@ def test_stage_memory_is_the_driver_plus_the_largest_group_of_other_processes() 
     assert stats.peak_rss_mb == pytest.approx(driver + 550.0, abs=0.1)
 
 
+def test_epoch_feed_hands_on_each_epoch_once_in_order() -> None:
+    from sre2l_ray.distributed.progress import EpochFeed
+
+    got: list[tuple[int, dict[str, float]]] = []
+    feed = EpochFeed(lambda e, m: got.append((e, m)))
+    feed({"kind": "epoch", "epoch": 0, "metrics": {"loss": 3.0}, "epoch_s": 0.5})
+    feed({"kind": "epoch", "epoch": 1, "metrics": {"loss": 2.0}, "epoch_s": 0.4})
+    # The worker failed after epoch 1 and its replacement resumed from epoch 0's checkpoint: it restores [0] and redoes 1.
+    feed({"kind": "restored", "history": [{"loss": 3.0}]})
+    feed({"kind": "epoch", "epoch": 1, "metrics": {"loss": 2.1}, "epoch_s": 0.4})
+    feed({"kind": "epoch", "epoch": 2, "metrics": {"loss": 1.0}, "epoch_s": 0.3})
+    feed.finish([{"loss": 3.0}, {"loss": 2.1}, {"loss": 1.0}, {"loss": 0.5}])  # epoch 3's event never came
+    assert got == [(0, {"loss": 3.0, "epoch_s": 0.5}), (1, {"loss": 2.0, "epoch_s": 0.4}), (2, {"loss": 1.0, "epoch_s": 0.3}),
+                   (3, {"loss": 0.5})]
+
+
+def test_a_bar_clock_starts_with_the_first_epoch_trained() -> None:
+    from sre2l_ray.pipeline import epoch_bar, tick
+
+    bar = epoch_bar(10, "t")
+    tick(bar, {"loss": 1.0})  # restored from a checkpoint: no time of its own
+    bar.start_t -= 30  # as if the workers took 30 s to start
+    tick(bar, {"loss": 0.9, "epoch_s": 2.0})
+    rate = bar.format_dict["n"] - bar.format_dict["initial"], bar.format_dict["elapsed"]
+    bar.close()
+    assert rate[0] == 1 and rate[1] == pytest.approx(2.0, abs=0.5), "one epoch in its own 2 s, not in the 30 s start-up"
+
+
 def test_recover_shard_reports_its_iterations_as_it_goes() -> None:
     from sre2l_ray.config import RecoverConfig
     from sre2l_ray.models import create_model
@@ -68,6 +96,26 @@ def test_in_process_recovery_reports_each_batch_before_it_is_written(tiny_config
                   lambda shard, done, m: events.append(("step", shard.id, done)))
     want = [e for s in todo for e in [*(("step", s.id, d) for d in range(1, 11)), ("written", s.id, 0)]]
     assert events == want
+
+
+@pytest.mark.slow
+def test_tracker_logs_from_a_progress_thread_into_the_open_run(tiny_config, tmp_path) -> None:
+    import mlflow
+
+    from sre2l_ray.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(tiny_config("tracking.enabled=true", f"tracking.uri={uri}"))
+    with tracker.run("pipeline"), tracker.run("squeeze", nested=True, log_config=False):
+        # MLflow's active run is per thread: without naming the run, this would start a run of its own.
+        thread = threading.Thread(target=tracker.log_metrics, args=({"loss": 1.5},), kwargs={"step": 3})
+        thread.start()
+        thread.join()
+        inner = tracker.run_id()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(inner, "loss")] == [(3, 1.5)]
+    experiment = client.get_experiment_by_name(tracker.cfg.tracking.experiment)
+    assert len(client.search_runs([experiment.experiment_id])) == 2, "no stray run"
 
 
 @pytest.mark.ray
