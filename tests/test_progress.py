@@ -98,26 +98,6 @@ def test_in_process_recovery_reports_each_batch_before_it_is_written(tiny_config
     assert events == want
 
 
-@pytest.mark.slow
-def test_tracker_logs_from_a_progress_thread_into_the_open_run(tiny_config, tmp_path) -> None:
-    import mlflow
-
-    from sre2l_ray.tracking import Tracker
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker(tiny_config("tracking.enabled=true", f"tracking.uri={uri}"))
-    with tracker.run("pipeline"), tracker.run("squeeze", nested=True, log_config=False):
-        # MLflow's active run is per thread: without naming the run, this would start a run of its own.
-        thread = threading.Thread(target=tracker.log_metrics, args=({"loss": 1.5},), kwargs={"step": 3})
-        thread.start()
-        thread.join()
-        inner = tracker.run_id()
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    assert [(m.step, m.value) for m in client.get_metric_history(inner, "loss")] == [(3, 1.5)]
-    experiment = client.get_experiment_by_name(tracker.cfg.tracking.experiment)
-    assert len(client.search_runs([experiment.experiment_id])) == 2, "no stray run"
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_train_epochs_reach_the_driver_while_the_run_trains_and_its_worker_counts_in_memory(ray_local, tiny_config) -> None:
