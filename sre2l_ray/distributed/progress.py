@@ -96,7 +96,7 @@ class Channel:
         if self.broken:
             return 0
         try:
-            events, own = ray.get(self.sink.drain.remote(self.name))
+            events, own = ray.get(self.sink.drain.remote(self.name), timeout=60)
         except RayError:
             self.broken = True
             _SINKS.clear()  # the next run starts a new sink
