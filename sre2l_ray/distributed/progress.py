@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import ray
-from ray.exceptions import RayError
 
 from sre2l_ray.memory import cuda_peak_mb, note_process_peak, process_peak_mb
 
@@ -45,11 +44,14 @@ class _Sink:
         return self.events.pop(channel, []), {"pid": os.getpid(), "rss_mb": process_peak_mb(), "cuda_mb": 0.0}
 
 
-_SINKS: dict[str, Any] = {}  # this driver's sink, keyed by its connection to Ray (a test's new local cluster gets its own)
+_SINKS: dict[tuple[str, ...], Any] = {}  # this driver's sink, keyed by its connection to Ray
 
 
 def _sink() -> Any:
-    key = ray.get_runtime_context().get_worker_id()
+    # A new connection (a new job on the same cluster, or a new local cluster after ray.shutdown) needs its own sink:
+    # a handle from an earlier one fails on its first call. The driver's worker id is the same in every session.
+    ctx = ray.get_runtime_context()
+    key = (ctx.gcs_address, ctx.get_job_id(), ctx.get_node_id())
     if key not in _SINKS:
         _SINKS.clear()
         _SINKS[key] = _Sink.remote()
@@ -72,9 +74,12 @@ class Reporter:
         process's last event, so it is in the driver's final drain)."""
         event = {"kind": kind, "role": self.role, "pid": os.getpid(), "rss_mb": process_peak_mb(), "cuda_mb": cuda_peak_mb(),
                  "t": time.time(), **fields}
-        ref = self.sink.put.remote(self.channel, event)
-        if wait:
-            ray.get(ref)
+        try:
+            ref = self.sink.put.remote(self.channel, event)
+            if wait:
+                ray.get(ref, timeout=60)
+        except Exception:  # noqa: BLE001 - progress is best effort: a lost progress actor must not fail the work
+            pass
 
 
 class Channel:
@@ -97,7 +102,7 @@ class Channel:
             return 0
         try:
             events, own = ray.get(self.sink.drain.remote(self.name), timeout=60)
-        except RayError:
+        except Exception:  # noqa: BLE001 - RayError, or a plain Exception for a handle Ray cannot submit to
             self.broken = True
             _SINKS.clear()  # the next run starts a new sink
             return 0
