@@ -166,13 +166,13 @@ def run_recover(cfg: Config, tracker: Tracker | None = None, engine: Engine | No
         units = cfg.recover.iterations if cfg.recover.method == "optimise" else 1
         bar = tqdm(total=len(shards) * units, initial=(len(shards) - len(todo)) * units, desc="recover",
                    unit="it" if units > 1 else "batch", smoothing=0)
-        t0, n_img, done = time.perf_counter(), [0], {s.id: 0 for s in todo}
+        t0, n_img, iters = time.perf_counter(), [0], {s.id: 0 for s in todo}
         batches = [len(shards) - len(todo)]
 
         def advance(shard, iterations: int) -> None:
-            if iterations > done[shard.id]:
-                bar.update(iterations - done[shard.id])
-                done[shard.id] = iterations
+            if iterations > iters[shard.id]:
+                bar.update(iterations - iters[shard.id])
+                iters[shard.id] = iterations
 
         def on_step(shard, iterations: int, m: dict[str, float]) -> None:
             if not getattr(bar, "sre2l_clocked", False):  # the clock starts with the first batch, not the workers' start

@@ -125,7 +125,7 @@ def synthetic_store(cfg: Config, classes: list[str]) -> SyntheticStore:
     return SyntheticStore(cfg.output_dir, classes, cfg.recover.ipc, cfg.hash("seed", "data", "squeeze", "recover"), cfg.seed)
 
 
-Step = Callable[[int, dict[str, float]], None]
+OnIterations = Callable[[int, dict[str, float]], None]
 """(iterations done, {"loss": ..., "batch_s": ...}) within one recovery batch."""
 
 
@@ -150,7 +150,7 @@ class ShardRecoverer:
         self.shape = (int(meta["channels"]), int(meta["size"]), int(meta["size"]))
 
     def run(self, shard: Shard, attempt: int = 1, init: torch.Tensor | None = None, candidates: list[torch.Tensor] | None = None,
-            on_step: Step | None = None) -> list[dict[str, float]]:
+            on_step: OnIterations | None = None) -> list[dict[str, float]]:
         """Make one recovery batch's images, write them (marker last), return its loss log. `init`: uint8 start images
         (recover.init=real); `candidates`: per class of the batch, uint8 real images to select from (method=select).
         `on_step(iterations done, {"loss", "batch_s"})`: live progress within an optimised batch (every 2%), with the
