@@ -11,6 +11,7 @@ Outputs:
     <output_dir>/synthetic_grid.png  classes x ipc picture of the condensed set
     <output_dir>/students/<name>/    relabel/evaluate: student weights and metrics
     <output_dir>/results.json        top-1/top-5 per student, teacher accuracy, wall time and peak memory per stage
+    <output_dir>/stages.json         per stage: wall time, peak memory summed over its processes (see runtime.measure)
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _record_stage(cfg: Config, stage: str, stats: StageStats, worked: bool | Non
         data[stage]["reused"] = int(data[stage].get("reused", 0)) + 1
     else:
         data[stage] = {"wall_s": round(stats.wall_s, 3), "peak_rss_mb": round(stats.peak_rss_mb, 1),
-                       "peak_cuda_mb": round(stats.peak_cuda_mb, 1), **stats.extra}
+                       "peak_cuda_mb": round(stats.peak_cuda_mb, 1), "peak_rss_mb_by_process": stats.processes, **stats.extra}
         if not worked:  # reused, but the run that did the work left no record (stages.json deleted): say so
             data[stage]["reused"] = 1
     atomic_write_json(path, data)
@@ -96,6 +97,23 @@ def _setup(cfg: Config, sections: tuple[str, ...] = CONDENSED) -> torch.device:
     return resolve_device(cfg.device)
 
 
+def epoch_bar(total: int, desc: str) -> tqdm:
+    """A bar over epochs whose rate is epochs done over time (smoothing=0), started by `tick`."""
+    return tqdm(total=total, desc=desc, unit="epoch", smoothing=0)
+
+
+def tick(bar: tqdm, metrics: dict[str, float]) -> None:
+    """One epoch done. The first epoch that says how long it took (`epoch_s`: epochs trained in Ray Train workers,
+    whose first epoch ends after the workers start) starts the bar's clock when that epoch began, and epochs handed on
+    before it (restored from a checkpoint) count as done before the clock: the rate and ETA are then the trained
+    epochs' own, not the worker start-up's."""
+    if "epoch_s" in metrics and not getattr(bar, "sre2l_clocked", False):
+        bar.sre2l_clocked = True
+        bar.initial = bar.n
+        bar.start_t = bar.last_print_t = time.time() - metrics["epoch_s"]  # tqdm's clock is time.time
+    bar.update(1)
+
+
 def run_squeeze(cfg: Config, tracker: Tracker | None = None, engine: Engine | None = None) -> dict[str, float]:
     """Train (or import) the teacher; skipped when teacher.pt already matches this config."""
     tracker, engine = tracker or Tracker(cfg), engine or engine_for(cfg)
@@ -108,11 +126,11 @@ def run_squeeze(cfg: Config, tracker: Tracker | None = None, engine: Engine | No
             _record_stage(cfg, "squeeze", StageStats(), worked=False)
             return done["metrics"]
     with tracker.run("squeeze", nested=True), measure() as stats:
-        bar = tqdm(total=cfg.squeeze.epochs, desc="squeeze", unit="epoch")
+        bar = epoch_bar(cfg.squeeze.epochs, "squeeze")
 
         def on_epoch(epoch: int, m: dict[str, float]) -> None:
             tracker.log_metrics(m, step=epoch)
-            bar.update(1)
+            tick(bar, m)
             bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if k in ("loss", "val_top1")})
 
         if cfg.squeeze.checkpoint:  # import given weights and score them here, whatever the engine
@@ -144,14 +162,32 @@ def run_recover(cfg: Config, tracker: Tracker | None = None, engine: Engine | No
     done = store.done_shards()
     todo = [s for s in shards if s.id not in done]
     with tracker.run("recover", nested=True), measure() as stats:
-        bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="recover", unit="batch")
-        t0, n_img = time.perf_counter(), [0]
+        # Optimised batches advance the bar by iterations as they go (every 2%), selected ones by whole batches.
+        units = cfg.recover.iterations if cfg.recover.method == "optimise" else 1
+        bar = tqdm(total=len(shards) * units, initial=(len(shards) - len(todo)) * units, desc="recover",
+                   unit="it" if units > 1 else "batch", smoothing=0)
+        t0, n_img, iters = time.perf_counter(), [0], {s.id: 0 for s in todo}
+        batches = [len(shards) - len(todo)]
+
+        def advance(shard, iterations: int) -> None:
+            if iterations > iters[shard.id]:
+                bar.update(iterations - iters[shard.id])
+                iters[shard.id] = iterations
+
+        def on_step(shard, iterations: int, m: dict[str, float]) -> None:
+            if not getattr(bar, "sre2l_clocked", False):  # the clock starts with the first batch, not the workers' start
+                bar.sre2l_clocked = True
+                bar.start_t = bar.last_print_t = time.time() - m["batch_s"]
+            bar.set_postfix(batches=f"{batches[0]}/{len(shards)}", loss=f"{m['loss']:.3g}", refresh=False)
+            advance(shard, iterations)
 
         def progress(shard, log: list[dict[str, float]]) -> None:
             n_img[0] += len(shard.targets())
-            bar.update(1)
-            bar.set_postfix(img_per_s=f"{n_img[0] / (time.perf_counter() - t0):.2f}", **({"loss": f"{log[-1]['loss']:.3g}"} if "loss" in log[-1] else {}))
-            tracker.log_metrics({k: v for k, v in log[-1].items() if k != "step"}, step=bar.n)
+            batches[0] += 1
+            bar.set_postfix(batches=f"{batches[0]}/{len(shards)}", img_per_s=f"{n_img[0] / (time.perf_counter() - t0):.2f}",
+                            **({"loss": f"{log[-1]['loss']:.3g}"} if "loss" in log[-1] else {}), refresh=False)
+            advance(shard, units)
+            tracker.log_metrics({k: v for k, v in log[-1].items() if k != "step"}, step=batches[0])
 
         if todo:
             class_stats = cfg.recover.class_stats_weight > 0 and cfg.recover.method == "optimise"
@@ -160,7 +196,8 @@ def run_recover(cfg: Config, tracker: Tracker | None = None, engine: Engine | No
             if class_stats:
                 teacher = load_teacher(cfg, resolve_device(cfg.device))
                 meta = {**meta, "class_stats": str(ensure_class_stats(cfg, out_dir(cfg), teacher, real).resolve())}
-            engine.recover(cfg, store, meta, todo, progress, lambda shard: batch_inputs(cfg, real if needs_real_images(cfg) else None, shard))
+            engine.recover(cfg, store, meta, todo, progress, lambda shard: batch_inputs(cfg, real if needs_real_images(cfg) else None, shard),
+                           on_step)
         bar.close()
         store.finalize()
         grid = save_grid(cfg, store)
@@ -228,10 +265,10 @@ def _student(cfg: Config, kind: str, k: int, data: ImageSet, tracker: Tracker, s
             return done["metrics"]
     soft = not kind.endswith("_hard")
     with tracker.run(f"relabel:{kind}/{tag}", nested=True, log_config=False):
-        bar = tqdm(total=scfg.relabel.epochs, desc=f"student {kind} {tag}", unit="epoch")
+        bar = epoch_bar(scfg.relabel.epochs, f"student {kind} {tag}")
 
         def on_epoch(epoch: int, m: dict[str, float]) -> None:
-            bar.update(1)
+            tick(bar, m)
             if epoch % max(1, scfg.relabel.epochs // 50) == 0 or epoch == scfg.relabel.epochs - 1:
                 tracker.log_metrics(m, step=epoch)
 
@@ -386,11 +423,14 @@ def results_table(results: dict[str, Any]) -> str:
         lines.append(f"IOR  {ior['top1']:+.2f} {spread}  (condensed+soft - random+soft, per seed)")
         lines.append(f"HLR  {hlr['top1']:.2f}  (full-data top-1 {hlr['full_top1']:.2f} from the {hlr['full_source']} - condensed hard)")
     lines.append("")
-    lines.append(f"{'stage':<16}{'wall s':>16}{'peak MB':>16}")
+    # Peak MB: the driver's peak plus its Ray workers' and actors' (summed: an upper bound for processes run together).
+    lines.append(f"{'stage':<16}{'wall s':>16}{'peak MB (sum)':>16}")
     for stage in [s for s in STAGES if s in results["stages"]]:
         st = results["stages"][stage]
         reused = f"  reused {st['reused']}x" if st.get("reused") else ""
         lines.append(f"{stage:<16}{st['wall_s']:>16.1f}{st['peak_rss_mb']:>16.0f}{reused}")
+    if any(len(st.get("peak_rss_mb_by_process", {})) > 1 for st in results["stages"].values()):
+        lines.append("(peak MB: the driver's peak plus those of the Ray workers and actors of the stage, summed; by process in stages.json)")
     if any(st.get("reused") for st in results["stages"].values()):
         lines.append("(reused: a later run found the stage done; time and memory are those of the run that did it)")
     return "\n".join(lines)

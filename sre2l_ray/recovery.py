@@ -18,6 +18,7 @@ distributed/recover.py; `synthetic_store` names the condensed set both write.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -131,6 +132,10 @@ def synthetic_store(cfg: Config, classes: list[str]) -> SyntheticStore:
     return SyntheticStore(cfg.output_dir, classes, cfg.recover.ipc, cfg.hash("seed", "data", "squeeze", "recover"), cfg.seed)
 
 
+OnIterations = Callable[[int, dict[str, float]], None]
+"""(iterations done, {"loss": ..., "batch_s": ...}) within one recovery batch."""
+
+
 class ShardRecoverer:
     """One recovery worker: the frozen teacher with its BN hooks, built once, then any number of recovery batches.
 
@@ -158,11 +163,16 @@ class ShardRecoverer:
         """Where this worker runs, for each shard's marker beside its pid (the Ray actor adds its node id)."""
         return {}
 
-    def run(self, shard: Shard, attempt: int = 1, init: torch.Tensor | None = None, candidates: list[torch.Tensor] | None = None) -> list[dict[str, float]]:
+    def run(self, shard: Shard, attempt: int = 1, init: torch.Tensor | None = None, candidates: list[torch.Tensor] | None = None,
+            on_step: OnIterations | None = None) -> list[dict[str, float]]:
         """Make one recovery batch's images, write them (marker last), return its loss log. `init`: uint8 start images
-        (recover.init=real); `candidates`: per class of the batch, uint8 real images to select from (method=select)."""
+        (recover.init=real); `candidates`: per class of the batch, uint8 real images to select from (method=select).
+        `on_step(iterations done, {"loss", "batch_s"})`: live progress within an optimised batch (every 2%), with the
+        seconds since the batch began."""
         targets = shard.targets()
         rc = self.cfg.recover
+        t0 = time.perf_counter()
+        step = None if on_step is None else (lambda done, m: on_step(done, {**m, "batch_s": time.perf_counter() - t0}))
         if candidates is not None:
             # A class's picks are ranked against each other, so each batch selects its classes whole and takes its
             # ipc indices (the same picks in every batch: selection is a pure function of teacher, class and seed).
@@ -188,7 +198,7 @@ class ShardRecoverer:
             start = self.pixels.normalize(init.to(self.device)) if init is not None else None
             normalised, log = recover_shard(
                 self.teacher, self.hooks, shard, self.cfg.recover, self.cfg.seed, self.bounds, self.shape, self.cfg.channels_last,
-                log_every=100, init=start,
+                log_every=100, init=start, on_step=step,
             )
             images = to_uint8(normalised, self.mean, self.std)
         info = {"final_loss": log[-1], "attempt": attempt, "pid": os.getpid(), **self.where()}
@@ -199,8 +209,11 @@ class ShardRecoverer:
 BatchInputs = Callable[[Shard], dict[str, Any]]
 
 
-def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress, inputs: BatchInputs) -> None:
-    """Recover batches one after another in this process."""
+def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress, inputs: BatchInputs,
+                  on_step: Callable[[Shard, int, dict[str, float]], None] | None = None) -> None:
+    """Recover batches one after another in this process; `on_step(batch, iterations done, metrics)` follows each
+    batch's optimisation as it goes."""
     worker = ShardRecoverer(cfg.model_dump(mode="json"), store, meta, cfg.threads)
     for shard in todo:
-        progress(shard, worker.run(shard, **inputs(shard)))
+        step = None if on_step is None else (lambda done, m, shard=shard: on_step(shard, done, m))
+        progress(shard, worker.run(shard, **inputs(shard), on_step=step))

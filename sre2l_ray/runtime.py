@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+
+from sre2l_ray.memory import (  # noqa: F401 - re-exported (benchmarks/memory.py reads _rss_bytes)
+    PeakSampler, _rss_bytes, cuda_peak_mb, note_process_peak, other_processes, process_peak_mb,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,41 +40,40 @@ def derive_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @dataclass
 class StageStats:
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
+    """This process's peak plus, for the group of other processes (Ray Train workers, recovery actors, the progress
+    actor) with the largest summed peak, that sum: an upper bound on what the stage held at once."""
     peak_cuda_mb: float = 0.0
+    processes: dict[str, float] = field(default_factory=dict)
+    """The processes peak_rss_mb adds up: "driver pid N" and the chosen group's "<role> pid N", each its peak RSS MiB."""
     extra: dict[str, float] = field(default_factory=dict)
 
 
 @contextmanager
 def measure(poll_s: float = 0.05) -> Iterator[StageStats]:
-    """Wall time and peak resident memory of this process while the block runs (sampled), plus CUDA peak."""
+    """Wall time and peak memory while the block runs: this process's resident memory (sampled) and CUDA peak, plus
+    the peaks other processes of the stage report through note_process_peak (Ray Train workers, recovery actors).
+
+    The stage's figure is this process's peak plus the largest sum of peaks over one group of processes that ran
+    together: each process's peak is counted as if all peaked at the same moment (an upper bound; shared memory that
+    several processes map, such as Ray's object store, is counted in each)."""
     stats = StageStats()
-    peak = [_rss_bytes()]
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(poll_s):
-            peak[0] = max(peak[0], _rss_bytes())
-
-    t = threading.Thread(target=poll, daemon=True)
+    sampler = PeakSampler(poll_s)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    t.start()
-    try:
-        yield stats
-    finally:
-        stop.set()
-        t.join()
-        stats.wall_s = time.perf_counter() - start
-        stats.peak_rss_mb = max(peak[0], _rss_bytes()) / 2**20
-        if torch.cuda.is_available():
-            stats.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+    with other_processes() as others:
+        try:
+            yield stats
+        finally:
+            stats.wall_s = time.perf_counter() - start
+            own = sampler.stop()
+            own_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+            group = max(others.rss, key=lambda g: sum(others.rss[g].values()), default=None)
+            rss, cuda = (others.rss[group], others.cuda[group]) if group is not None else ({}, {})
+            stats.processes = {f"driver pid {os.getpid()}": round(own, 1), **{k: round(v, 1) for k, v in rss.items()}}
+            stats.peak_rss_mb = own + sum(rss.values())
+            stats.peak_cuda_mb = own_cuda + sum(cuda.values())

@@ -14,6 +14,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -157,6 +158,10 @@ class Tracker:
         self.enabled = cfg.tracking.enabled
         self._mlflow = connect(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root) if self.enabled else None
         self._history: list[dict[str, list[tuple[int, float]]]] = []  # one per open run, innermost last
+        # MLflow's active run is per thread, and live progress logs from a thread of its own (distributed/progress.py):
+        # metrics name their run explicitly.
+        self._run_ids: list[str] = []
+        self._lock = threading.Lock()
 
     @contextmanager
     def run(self, name: str, nested: bool = False, log_config: bool = True, run_id: str | None = None, title: str | None = None,
@@ -169,16 +174,18 @@ class Tracker:
         mlflow = self._mlflow
         if run_id is not None and not self._exists(run_id):
             run_id = None
-        with mlflow.start_run(run_id=run_id, run_name=None if run_id else (title or name), nested=nested):
+        with mlflow.start_run(run_id=run_id, run_name=None if run_id else (title or name), nested=nested) as active:
             mlflow.set_tags({"stage": name, **{k: str(v) for k, v in (tags or {}).items()}})
             if log_config:
                 mlflow.log_params(safe_params(self.cfg))
                 self.log_text(to_yaml(self.cfg), "config.yaml")
             self._history.append({})
+            self._run_ids.append(active.info.run_id)
             try:
                 yield self
                 self._log_curves(name)
             finally:
+                self._run_ids.pop()
                 self._history.pop()
 
     def _exists(self, run_id: str) -> bool:
@@ -206,12 +213,14 @@ class Tracker:
         return active.info.run_id if active else None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log to the innermost open run (from any thread)."""
         if self.enabled:
             clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            self._mlflow.log_metrics(clean, step=step)
-            if step is not None and self._history:
-                for k, v in clean.items():
-                    self._history[-1].setdefault(k, []).append((step, v))
+            with self._lock:
+                self._mlflow.log_metrics(clean, step=step, run_id=self._run_ids[-1] if self._run_ids else None)
+                if step is not None and self._history:
+                    for k, v in clean.items():
+                        self._history[-1].setdefault(k, []).append((step, v))
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.enabled and Path(path).exists():

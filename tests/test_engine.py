@@ -40,9 +40,9 @@ class Recording(LocalEngine):
         self.calls.append("fit_teacher")
         return super().fit_teacher(cfg, on_epoch)
 
-    def recover(self, cfg, store, meta, todo, progress, inputs):
+    def recover(self, cfg, store, meta, todo, progress, inputs, on_step=None):
         self.calls.append(f"recover {len(todo)}")
-        return super().recover(cfg, store, meta, todo, progress, inputs)
+        return super().recover(cfg, store, meta, todo, progress, inputs, on_step)
 
 
 def test_stages_run_their_heavy_part_on_the_engine_given(tiny_config) -> None:

@@ -100,6 +100,25 @@ def test_pipeline_tracked_on_server(mlflow_server: str, tiny_config) -> None:
     assert [r["kind"] for r in rows] == ["pipeline"] and rows[0]["ipc"] == cfg.recover.ipc and rows[0]["recipe"] == "sre2l"
 
 
+def test_metrics_logged_from_a_progress_thread_land_in_the_open_run(mlflow_server: str, tiny_config) -> None:
+    import threading
+
+    from mlflow import MlflowClient
+
+    tracker = Tracker(tiny_config("tracking.enabled=true", f"tracking.uri={mlflow_server}", "tracking.experiment=thread_test"))
+    with tracker.run("pipeline"), tracker.run("squeeze", nested=True, log_config=False):
+        # MLflow's active run is per thread (live progress logs from one, distributed/progress.py): without naming
+        # the run, this would start a run of its own.
+        thread = threading.Thread(target=tracker.log_metrics, args=({"loss": 1.5},), kwargs={"step": 3})
+        thread.start()
+        thread.join()
+        inner = tracker.run_id()
+    client = MlflowClient(tracking_uri=mlflow_server)
+    assert [(m.step, m.value) for m in client.get_metric_history(inner, "loss")] == [(3, 1.5)]
+    experiment = client.get_experiment_by_name("thread_test")
+    assert len(client.search_runs([experiment.experiment_id])) == 2, "no stray run"
+
+
 def test_unreachable_server_fails_fast_with_fix(tiny_config, capsys) -> None:
     uri = f"http://127.0.0.1:{_free_port()}"
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from torch import nn
 from sre2l_ray.config import Config
 from sre2l_ray.data.datasets import ImageSet, load_split
 from sre2l_ray.data.synthetic import SyntheticStore
-from sre2l_ray.engine.base import BatchInputs, OnEpoch, Progress, Scorer, TeacherFit
+from sre2l_ray.engine.base import BatchInputs, OnEpoch, Progress, Scorer, Step, TeacherFit
 from sre2l_ray.engine.local import LocalEngine
 from sre2l_ray.stages.recover import Shard
 from sre2l_ray.teacher import teacher_path
@@ -36,10 +36,10 @@ class RayEngine:
         return TeacherFit(model, metrics, list(train.classes), train)
 
     def recover(self, cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress: Progress,
-                inputs: BatchInputs) -> None:
+                inputs: BatchInputs, on_step: Step | None = None) -> None:
         from sre2l_ray.distributed.recover import recover_on_actors
 
-        recover_on_actors(cfg, store, meta, todo, progress, inputs)
+        recover_on_actors(cfg, store, meta, todo, progress, inputs, on_step)
 
     def fit_student(self, cfg: Config, data: ImageSet, name: str, work: str | Path, soft: bool, on_epoch: OnEpoch) -> nn.Module:
         from sre2l_ray.distributed.train import fit_student

@@ -3,7 +3,9 @@
 Scheduling: the driver keeps exactly one shard in flight per actor and hands the next one to whichever actor
 finishes first (`ray.wait`), so faster actors take more shards. The actor writes each finished shard itself with
 `SyntheticStore.write_shard` (PNGs renamed into place, completion marker last), and the driver reports it through
-the pipeline's `progress` callback (shards done/total, images/s and ETA on its bar). An actor that dies (killed,
+the pipeline's `progress` callback (shards done/total, images/s and ETA on its bar). While a shard is optimised its
+actor reports iterations done and the loss every 2% through the progress channel (distributed/progress.py), which
+the driver drains between waits and hands to `on_step`; the actors' memory counts in the stage's. An actor that dies (killed,
 crashed, node lost) is replaced by a fresh one and its unfinished shard goes back to the head of the queue; since a
 shard's images depend only on the config, seed and shard, redoing it yields the same files, so the run ends with
 exactly classes x ipc images, each written once per path. A shard that fails more than `ray.max_failures` times
@@ -31,21 +33,36 @@ from sre2l_ray import logs
 from sre2l_ray.config import Config
 from sre2l_ray.data.synthetic import SyntheticStore
 from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
+from sre2l_ray.distributed.progress import Channel, Reporter
 from sre2l_ray.recovery import ShardRecoverer
+from sre2l_ray.runtime import process_peak_mb
 from sre2l_ray.stages.recover import Shard
 
 ACTOR_PREFIX = "sre2l-recover"
+WAIT_S = 0.25  # between drains of the progress channel while shards are out
 
 
-class _NodeShardRecoverer(ShardRecoverer):
-    """The in-process recovery worker, plus the Ray node it runs on in each shard's marker (which node made which
-    images: spread and rescheduling on several nodes can be checked from the outputs)."""
+class _ReportingRecoverer(ShardRecoverer):
+    """The in-process recovery worker, reporting its progress and memory to the driver's channel, and naming the Ray
+    node it runs on in each shard's marker (which node made which images: spread and rescheduling on several nodes
+    can be checked from the outputs)."""
+
+    def __init__(self, cfg_dump: dict[str, Any], store: SyntheticStore, meta: dict[str, Any], threads: int | None, reporter: Reporter):
+        process_peak_mb()  # sample this actor's memory from its start
+        self.reporter = reporter
+        super().__init__(cfg_dump, store, meta, threads)
+
+    def run(self, shard: Shard, attempt: int = 1, **inputs: Any) -> list[dict[str, float]]:
+        log = super().run(shard, attempt, on_step=lambda done, m: self.reporter.send("step", shard=shard.id, done=done, metrics=m), **inputs)
+        # Held before the result returns, so the driver's drain after its wait has this shard's steps and memory.
+        self.reporter.send("memory", wait=True)
+        return log
 
     def where(self) -> dict[str, Any]:
         return {"node_id": ray.get_runtime_context().get_node_id()}
 
 
-RecoverActor = ray.remote(_NodeShardRecoverer)
+RecoverActor = ray.remote(_ReportingRecoverer)
 
 
 def recover_on_actors(
@@ -55,9 +72,18 @@ def recover_on_actors(
     todo: list[Shard],
     progress: Callable[[Shard, list[dict[str, float]]], None],
     inputs: Callable[[Shard], dict[str, Any]] = lambda shard: {},
+    on_step: Callable[[Shard, int, dict[str, float]], None] | None = None,
 ) -> None:
-    """Recover `todo` on min(ray.num_actors, len(todo)) actors; returns when every shard is written."""
+    """Recover `todo` on min(ray.num_actors, len(todo)) actors; returns when every shard is written. `on_step`
+    (batch, iterations done, metrics) follows each batch as its actor optimises it."""
     ensure_ray(cfg)
+    by_id = {s.id: s for s in todo}
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["kind"] == "step" and on_step is not None:
+            on_step(by_id[event["shard"]], event["done"], event["metrics"])
+
+    channel = Channel("recover", on_event)
     gpu = use_gpu(cfg)
     run_tag = uuid.uuid4().hex[:8]
     spawned = [0]
@@ -69,7 +95,8 @@ def recover_on_actors(
         return RecoverActor.options(
             name=f"{ACTOR_PREFIX}-{run_tag}-{spawned[0]}", num_cpus=cfg.ray.cpus_per_actor, num_gpus=1 if gpu else 0, max_restarts=0,
             scheduling_strategy="SPREAD" if cfg.ray.placement == "spread" else "DEFAULT",
-        ).remote(cfg.model_dump(mode="json"), store, meta_small, threads_for(cfg.ray.cpus_per_actor))
+        ).remote(cfg.model_dump(mode="json"), store, meta_small, threads_for(cfg.ray.cpus_per_actor),
+                 channel.reporter(f"recover actor {spawned[0]}"))
 
     queue: deque[tuple[Shard, int]] = deque((s, 1) for s in todo)
     in_flight: dict[ray.ObjectRef, tuple[Any, Shard, int]] = {}
@@ -94,7 +121,11 @@ def recover_on_actors(
         for actor in actors:
             hand_out(actor)
         while in_flight:
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_S)
+            channel.poll()
+            if not ready:
+                continue
+            [ref] = ready
             actor, shard, attempt = in_flight.pop(ref)
             try:
                 log = ray.get(ref)

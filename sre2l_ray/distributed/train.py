@@ -13,6 +13,9 @@ config sections that decide its result, under `ray.storage_path` (default <outpu
 same stage resumes from the last checkpoint, and `FailureConfig(max_failures)` replaces a worker that dies (or the
 node under it) and continues from that checkpoint.
 
+Rank 0 also puts each epoch's metrics on the driver's progress channel as the epoch ends (distributed/progress.py),
+so the driver's bar and MLflow follow the run live rather than when fit() returns; every rank reports its memory.
+
 Test hook: when the driver's environment has SRE2L_FAULT_FILE=<path> and that file exists, rank 0 deletes it and
 raises once at the start of the next epoch after the first checkpoint; tests use it to prove resumption.
 """
@@ -43,7 +46,8 @@ from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config, is_uri
 from sre2l_ray.data.datasets import ImageSet
 from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
-from sre2l_ray.runtime import resolve_device, set_threads
+from sre2l_ray.distributed.progress import Channel, EpochFeed, Reporter
+from sre2l_ray.runtime import process_peak_mb, resolve_device, set_threads
 from sre2l_ray.stages import relabel, squeeze
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
 from sre2l_ray.stages.training import DataShape, SplitShape, build_model
@@ -72,12 +76,14 @@ class TrainOutcome:
 
 def _train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    process_peak_mb()  # sample this worker's memory from here on; it travels with every progress event
     cfg = Config.model_validate(config["cfg"])
     kind: str = config["kind"]
-    # Progress reaches the driver's bar through the reported history; per-report INFO lines would flood the console.
+    # Progress reaches the driver's bar through distributed/progress.py; per-report INFO lines would flood the console.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    reporter: Reporter = config["reporter"].with_role(f"{kind} rank {rank}")
     set_threads(threads_for(config["cpus"]))
     device = get_device()
     stream = config.get("stream")  # squeeze on shards: batches come from Ray Data, the split never sits in memory
@@ -108,6 +114,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             ema.load_state_dict(state["ema"])
     attempts.append(start)
     nodes.append(_rank_nodes(world))
+    if rank == 0 and history:  # a resumed attempt: the driver's bar and MLflow get the epochs done before it
+        reporter.send("restored", history=history)
 
     if kind == "squeeze" and stream:
         shard = ray.train.get_dataset_shard("train")  # this rank's equal share, reshuffled block order each epoch
@@ -123,6 +131,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     fault = config.get("fault_file")
     every = 0  # epochs between reports, set from this attempt's first epoch
+    lap = time.perf_counter()
+    sent = lap
     for epoch in range(start, epochs):
         if fault and rank == 0 and epoch > 0 and Path(fault).exists():
             Path(fault).unlink()
@@ -144,6 +154,13 @@ def _train_loop(config: dict[str, Any]) -> None:
             net = getattr(model, "module", model)
             save_checkpoint(kept_teacher_path(Path(config["out"]), epoch + 1), model=net.state_dict(), epoch=epoch + 1)
         history.append(metrics)
+        now = time.perf_counter()
+        if rank == 0:  # live progress: the driver's bar and MLflow see this epoch now, not when fit() returns
+            reporter.send("epoch", epoch=epoch, metrics=metrics, epoch_s=now - lap)
+        elif now - sent > 2.0:  # the other ranks' memory, now and then
+            reporter.send("memory")
+            sent = now
+        lap = now
         if (epoch + 1 - start) % every and epoch != epochs - 1:
             continue
         with tempfile.TemporaryDirectory() as d:
@@ -157,6 +174,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 checkpoint = Checkpoint.from_directory(d)
             # Metrics are rank 0's (its share of the epoch); every rank must call report the same number of times.
             ray.train.report(metrics, checkpoint=checkpoint)
+    reporter.send("memory", wait=True)  # this worker's final peak, held before fit() can return
 
 
 def _rank_nodes(world: int) -> list[str]:
@@ -274,11 +292,15 @@ def _storage_path(cfg: Config) -> str:
 
 def run_training(
     cfg: Config, kind: str, run_name: str, data: ImageSet | None, val: ImageSet | None = None, teacher: Path | None = None,
-    soft_labels: dict[str, str] | None = None, stream: dict[str, Any] | None = None,
+    soft_labels: dict[str, str] | None = None, stream: dict[str, Any] | None = None, on_epoch: OnEpoch | None = None,
 ) -> TrainOutcome:
     """Fit one model with a TorchTrainer (kind: squeeze or relabel); resumes the run `run_name` if it exists.
-    With `stream` (squeeze only) the train and val splits are Ray Datasets read from shards instead of `data`/`val`."""
+    With `stream` (squeeze only) the train and val splits are Ray Datasets read from shards instead of `data`/`val`.
+    `on_epoch` gets each epoch's metrics while the run trains (from rank 0, through distributed/progress.py), once
+    per epoch and in order; the workers' memory is noted for the stage's figure (runtime.measure)."""
     ensure_ray(cfg)
+    feed = EpochFeed(on_epoch)
+    channel = Channel(run_name, feed)
     datasets, dataset_config = None, None
     if stream is not None:
         from sre2l_ray.distributed.data import make_shard_dataset
@@ -307,6 +329,7 @@ def run_training(
             # Through the object store once, not pickled into every worker's config.
             "data": ray.put(data) if data is not None else None, "val": ray.put(val) if val is not None else None,
             "teacher": str(teacher.resolve()) if teacher else None, "fault_file": os.environ.get(FAULT_ENV),
+            "reporter": channel.reporter(),
             "soft_labels": soft_labels, "stream": stream, "out": str(Path(cfg.output_dir).resolve()),
         },
         datasets=datasets,
@@ -322,21 +345,16 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = _fit(trainer, run_name, cfg)
+    with channel.live():
+        result = _fit(trainer, run_name, cfg)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run '{run_name}' finished without a checkpoint; delete {_storage_path(cfg)}/{run_name} and rerun")
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / STATE_FILE)
+    feed.finish(list(state["history"]))  # any epoch the live path missed (a lost progress actor)
     # With relabel.ema_decay the weight average, not the last weights, is the trained student.
     return TrainOutcome(state.get("ema", state["model"]), list(state["history"]), list(state["attempts"]), int(state["world"]),
                         [list(n) for n in state.get("nodes", [])])
-
-
-def _replay(outcome: TrainOutcome, on_epoch: OnEpoch | None) -> None:
-    """Hand the per-epoch metrics to the driver's callback (progress bar, MLflow) once training is done."""
-    if on_epoch is not None:
-        for epoch, metrics in enumerate(outcome.history):
-            on_epoch(epoch, metrics)
 
 
 def _driver_model(cfg: Config, model_cfg, data: DataShape, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -348,8 +366,7 @@ def _driver_model(cfg: Config, model_cfg, data: DataShape, state: dict[str, torc
 def fit_teacher(cfg: Config, train: ImageSet, val: ImageSet, on_epoch: OnEpoch | None = None) -> tuple[nn.Module, dict[str, float]]:
     """Squeeze on Ray Train; returns the teacher (on the driver's device) and its last-epoch metrics with val scores."""
     name = f"squeeze-{cfg.hash('seed', 'data', 'squeeze')}"
-    outcome = run_training(cfg, "squeeze", name, train, val)
-    _replay(outcome, on_epoch)
+    outcome = run_training(cfg, "squeeze", name, train, val, on_epoch=on_epoch)
     return _driver_model(cfg, cfg.squeeze.model, train, outcome.model_state), outcome.history[-1]
 
 
@@ -366,8 +383,7 @@ def fit_teacher_from_shards(cfg: Config, on_epoch: OnEpoch | None = None) -> tup
     # Without a limit the manifest's row counts (checked against every footer before a run) give the size unread.
     rows = len(train_rows) if train_rows is not None else sum(s["rows"] for s in manifest["splits"][cfg.data.train_dir]["shards"])
     stream = {"shape": asdict(shape), "rows": rows, "train_rows": train_rows, "val_rows": val_rows}
-    outcome = run_training(cfg, "squeeze", f"squeeze-{cfg.hash('seed', 'data', 'squeeze')}", None, stream=stream)
-    _replay(outcome, on_epoch)
+    outcome = run_training(cfg, "squeeze", f"squeeze-{cfg.hash('seed', 'data', 'squeeze')}", None, stream=stream, on_epoch=on_epoch)
     return _driver_model(cfg, cfg.squeeze.model, shape, outcome.model_state), outcome.history[-1], classes, shape
 
 
@@ -382,6 +398,5 @@ def fit_student(cfg: Config, data: ImageSet, teacher_path: Path | None, name: st
     if teacher_path is not None and cfg.relabel.soft_labels == "precomputed":
         # Same folder and key as the in-process path (pipeline._student), so either path reuses the other's labels.
         soft = {"dir": str((work / "soft_labels").resolve()), "source": soft_label_source(cfg, name)}
-    outcome = run_training(cfg, "relabel", run_name, data, teacher=teacher_path, soft_labels=soft)
-    _replay(outcome, on_epoch)
+    outcome = run_training(cfg, "relabel", run_name, data, teacher=teacher_path, soft_labels=soft, on_epoch=on_epoch)
     return _driver_model(cfg, cfg.relabel.model, data, outcome.model_state)

@@ -18,6 +18,9 @@ OnEpoch = Callable[[int, dict[str, float]], None]
 """Called after each epoch with its metrics (epoch, {"loss": ..., "lr": ..., "val_top1": ...})."""
 Progress = Callable[[Shard, list[dict[str, float]]], None]
 """Called after each recovery batch is written, with its loss log."""
+Step = Callable[[Shard, int, dict[str, float]], None]
+"""Called while a recovery batch is optimised, every 2% of its iterations: (batch, iterations done, {"loss": ...,
+"batch_s": seconds since the batch began})."""
 BatchInputs = Callable[[Shard], dict[str, Any]]
 """The real images one recovery batch starts from or selects from (recovery.batch_inputs)."""
 Scorer = Callable[[nn.Module], dict[str, float]]
@@ -39,11 +42,13 @@ class Engine(Protocol):
     name: str
 
     def fit_teacher(self, cfg: Config, on_epoch: OnEpoch) -> TeacherFit:
-        """Train the squeeze teacher on the configured dataset."""
+        """Train the squeeze teacher on the configured dataset, calling `on_epoch` as each epoch ends (also when the
+        epochs run in other processes)."""
 
     def recover(self, cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress: Progress,
-                inputs: BatchInputs) -> None:
-        """Recover the `todo` batches into `store` (each written with its marker), calling `progress` per batch."""
+                inputs: BatchInputs, on_step: Step | None = None) -> None:
+        """Recover the `todo` batches into `store` (each written with its marker), calling `progress` per batch and
+        `on_step` as each batch's optimisation goes."""
 
     def fit_student(self, cfg: Config, data: ImageSet, name: str, work: str, soft: bool, on_epoch: OnEpoch) -> nn.Module:
         """Train one student on `data` (soft labels from the teacher, or hard labels) in the folder `work`; `name`

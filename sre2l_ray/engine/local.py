@@ -10,7 +10,7 @@ from torch import nn
 from sre2l_ray.config import Config
 from sre2l_ray.data.datasets import ImageSet, load_split
 from sre2l_ray.data.synthetic import SyntheticStore
-from sre2l_ray.engine.base import BatchInputs, OnEpoch, Progress, Scorer, TeacherFit
+from sre2l_ray.engine.base import BatchInputs, OnEpoch, Progress, Scorer, Step, TeacherFit
 from sre2l_ray.recovery import recover_local
 from sre2l_ray.runtime import resolve_device
 from sre2l_ray.stages.evaluate import evaluate
@@ -30,8 +30,8 @@ class LocalEngine:
         return TeacherFit(model, metrics, list(train.classes), train)
 
     def recover(self, cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress: Progress,
-                inputs: BatchInputs) -> None:
-        recover_local(cfg, store, meta, todo, progress, inputs)
+                inputs: BatchInputs, on_step: Step | None = None) -> None:
+        recover_local(cfg, store, meta, todo, progress, inputs, on_step)
 
     def fit_student(self, cfg: Config, data: ImageSet, name: str, work: str | Path, soft: bool, on_epoch: OnEpoch) -> nn.Module:
         device = resolve_device(cfg.device)

@@ -387,11 +387,14 @@ def recover_shard(
     channels_last: bool = True,
     log_every: int = 0,
     init: torch.Tensor | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Optimise one shard's images; returns them (normalised, on the teacher's device) and a loss log.
 
     `hooks` must be attached to `teacher` (BNStatHooks(teacher)); it is passed in so an actor builds it once.
     `init`: start images for recover.init=real (`real_init_images`); None starts from noise.
+    `on_step(iterations done, {"loss": ...})` is called every 2% of the iterations and after the last (live progress;
+    reading the loss waits for the device, so not every step).
     """
     device = bounds[0].device
     lo, hi = bounds
@@ -409,6 +412,7 @@ def recover_shard(
     n, size = x.shape[0], image_shape[-1]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     log: list[dict[str, float]] = []
+    every = max(1, cfg.iterations // 50)
     for it in range(cfg.iterations):
         for group in opt.param_groups:
             group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations))
@@ -430,4 +434,6 @@ def recover_shard(
             x.clamp_(lo, hi)
         if log_every and (it % log_every == 0 or it == cfg.iterations - 1):
             log.append({"step": it, "loss": float(loss.detach()), "loss_ce": float(loss_ce.detach()), "loss_bn": float(loss_bn.detach())})
+        if on_step is not None and ((it + 1) % every == 0 or it == cfg.iterations - 1):
+            on_step(it + 1, {"loss": float(loss.detach())})
     return x.detach().contiguous(), log
