@@ -18,6 +18,7 @@ raises once at the start of the next epoch after the first checkpoint; tests use
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -40,12 +41,13 @@ from sre2l_ray import logs
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config
 from sre2l_ray.data.datasets import ImageSet
+from sre2l_ray.engine.base import OnStudentDone, OnStudentEpoch, StudentJob
 from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
 from sre2l_ray.runtime import resolve_device, set_threads
 from sre2l_ray.stages import relabel, squeeze
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
 from sre2l_ray.stages.training import DataShape, SplitShape, build_model
-from sre2l_ray.teacher import kept_teacher_path, load_teacher
+from sre2l_ray.teacher import kept_teacher_path, load_teacher, teacher_path
 
 OnEpoch = Callable[[int, dict[str, float]], None]
 FAULT_ENV = "SRE2L_FAULT_FILE"
@@ -66,11 +68,40 @@ class TrainOutcome:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    cfg = Config.model_validate(config["cfg"])
-    kind: str = config["kind"]
+    """Runs on every Ray Train worker: the teacher (kind squeeze), or each of the students in config["jobs"] in turn
+    (kind relabel), so one run (one ~12 s worker group start) trains a whole stage's students.
+
+    Every checkpoint also names the student it belongs to ("job", its run key) and the students finished before it
+    ("done"), so a replaced worker or a rerun skips those and resumes the one it was training. As each student
+    finishes, rank 0 writes it to its folder (last.pt, the in-process engine's format) for the driver to score."""
     # Progress reaches the driver's bar through the reported history; per-report INFO lines would flood the console.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(Path(d) / STATE_FILE)
+    if config["kind"] == "squeeze":
+        _fit_one(config, state, [])
+        return
+    done: list[str] = list(state.get("done", [])) if state is not None else []
+    for job in config["jobs"]:
+        if job["finished"] or (job["key"] in done and _written(job)):  # trained by an earlier run, or earlier in this one
+            continue
+        mine = state if state is not None and state.get("job") == job["key"] else None
+        _fit_one({**config, **job}, mine, done)
+        done.append(job["key"])
+
+
+def _written(job: dict[str, Any]) -> bool:
+    """The job's student is in its folder, trained (else a student this run finished but whose file is gone retrains)."""
+    return relabel.finished_student(Config.model_validate(job["cfg"]), job["rows"], Path(job["work"])) is not None
+
+
+def _fit_one(config: dict[str, Any], state: dict[str, Any] | None, done: list[str]) -> None:
+    """Train one model on this worker (resuming `state`, a checkpoint of it); `done`: the run's finished students."""
+    cfg = Config.model_validate(config["cfg"])
+    kind: str = config["kind"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(threads_for(config["cpus"]))
@@ -89,10 +120,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     epochs = cfg.squeeze.epochs if kind == "squeeze" else cfg.relabel.epochs
 
     start, history, attempts = 0, [], []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_checkpoint(Path(d) / STATE_FILE)
+    if state is not None:
         # DDP checkpoints are saved unwrapped, so they load into either form.
         getattr(model, "module", model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -117,7 +145,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     fault = config.get("fault_file")
     every = 0  # epochs between reports, set from this attempt's first epoch
     for epoch in range(start, epochs):
-        if fault and rank == 0 and epoch > 0 and Path(fault).exists():
+        if fault and rank == 0 and epoch > 0 and _armed(Path(fault), config.get("name")):
             Path(fault).unlink()
             raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV})")
         t0 = time.perf_counter()
@@ -145,11 +173,27 @@ def _train_loop(config: dict[str, Any]) -> None:
                 save_checkpoint(
                     Path(d) / STATE_FILE, model=getattr(model, "module", model).state_dict(), optimizer=opt.state_dict(),
                     scheduler=sched.state_dict(), epoch=epoch, history=history, attempts=attempts, world=world,
-                    **({"ema": ema.state_dict()} if ema is not None else {}),
+                    job=config.get("key"), done=done, **({"ema": ema.state_dict()} if ema is not None else {}),
                 )
                 checkpoint = Checkpoint.from_directory(d)
             # Metrics are rank 0's (its share of the epoch); every rank must call report the same number of times.
             ray.train.report(metrics, checkpoint=checkpoint)
+    if kind == "relabel" and rank == 0:
+        # The finished student in its own folder, atomically, in the format the in-process engine resumes from.
+        save_checkpoint(
+            Path(config["work"]) / relabel.LAST, model=getattr(model, "module", model).state_dict(), optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(), epoch=epochs - 1, key=relabel.resume_key(cfg, len(data)), history=history,
+            attempts=attempts, **({"ema": ema.state_dict()} if ema is not None else {}),
+        )
+
+
+def _armed(fault: Path, name: str | None) -> bool:
+    """The fault file exists and, if it names a student, that is the student being trained."""
+    try:
+        target = fault.read_text().strip()
+    except FileNotFoundError:
+        return False
+    return not target or target == name
 
 
 def _report_every(epoch_s: float, interval_s: float, world: int, device: torch.device) -> int:
@@ -243,10 +287,11 @@ def _storage_path(cfg: Config) -> str:
 
 def run_training(
     cfg: Config, kind: str, run_name: str, data: ImageSet | None, val: ImageSet | None = None, teacher: Path | None = None,
-    soft_labels: dict[str, str] | None = None, stream: dict[str, Any] | None = None,
+    soft_labels: dict[str, str] | None = None, stream: dict[str, Any] | None = None, jobs: list[dict[str, Any]] | None = None,
 ) -> TrainOutcome:
-    """Fit one model with a TorchTrainer (kind: squeeze or relabel); resumes the run `run_name` if it exists.
-    With `stream` (squeeze only) the train and val splits are Ray Datasets read from shards instead of `data`/`val`."""
+    """Fit the teacher (kind squeeze) or the students of `jobs` (kind relabel, see fit_students) with a TorchTrainer;
+    resumes the run `run_name` if it exists. With `stream` (squeeze only) the train and val splits are Ray Datasets
+    read from shards instead of `data`/`val`. Returns the last checkpoint's state (with jobs: the last student's)."""
     ensure_ray(cfg)
     datasets, dataset_config = None, None
     if stream is not None:
@@ -273,7 +318,7 @@ def run_training(
             # Through the object store once, not pickled into every worker's config.
             "data": ray.put(data) if data is not None else None, "val": ray.put(val) if val is not None else None,
             "teacher": str(teacher.resolve()) if teacher else None, "fault_file": os.environ.get(FAULT_ENV),
-            "soft_labels": soft_labels, "stream": stream, "out": str(Path(cfg.output_dir).resolve()),
+            "soft_labels": soft_labels, "stream": stream, "out": str(Path(cfg.output_dir).resolve()), "jobs": jobs,
         },
         datasets=datasets,
         dataset_config=dataset_config,
@@ -335,17 +380,48 @@ def fit_teacher_from_shards(cfg: Config, on_epoch: OnEpoch | None = None) -> tup
     return _driver_model(cfg, cfg.squeeze.model, shape, outcome.model_state), outcome.history[-1], classes, shape
 
 
-def fit_student(cfg: Config, data: ImageSet, teacher_path: Path | None, name: str, work: Path, on_epoch: OnEpoch | None = None) -> nn.Module:
-    """Relabel on Ray Train: soft labels from the teacher at `teacher_path`, or hard labels when it is None. `name`
-    tells the pipeline's students apart (kind and seed); `work` is the student's folder."""
+def fit_students(cfg: Config, jobs: list[StudentJob], on_epoch: OnStudentEpoch, on_done: OnStudentDone) -> None:
+    """Relabel the jobs' students in one Ray Train run (see _train_loop), each with its own config, images, and soft
+    labels from the teacher or hard labels; then hand each to `on_done`. Workers write the finished students into their
+    folders, so the workers and the driver share the output_dir's file system (as for squeeze.keep_epochs and
+    precomputed soft labels)."""
+    finished = [relabel.finished_student(job.cfg, len(job.data), job.work) is not None for job in jobs]
+    if not all(finished):
+        _students_run(cfg, jobs, finished)
+    for i, job in enumerate(jobs):
+        state = relabel.finished_student(job.cfg, len(job.data), job.work)
+        if state is None:
+            raise RuntimeError(f"Ray Train run finished but student '{job.name}' is not in {job.work / relabel.LAST}: the Train "
+                               "workers must write to the driver's output_dir (a shared file system); rerun to resume")
+        for epoch, metrics in enumerate(state.get("history", [])):
+            on_epoch(i, epoch, metrics)
+        on_done(i, _driver_model(job.cfg, job.cfg.relabel.model, job.data, relabel.trained_weights(state)))
+
+
+def _students_run(cfg: Config, jobs: list[StudentJob], finished: list[bool]) -> None:
+    """The Ray Train run of fit_students; students `finished` by an earlier run are listed but skipped."""
     from sre2l_ray.stages.soft_labels import soft_label_source
 
-    key = cfg.hash("seed", "data", "squeeze", "recover", "relabel")
-    run_name = f"relabel-{name}-{'soft' if teacher_path else 'hard'}-{key}-{len(data)}"
-    soft = None
-    if teacher_path is not None and cfg.relabel.soft_labels == "precomputed":
-        # Same folder and key as the in-process path (pipeline._student), so either path reuses the other's labels.
-        soft = {"dir": str((work / "soft_labels").resolve()), "source": soft_label_source(cfg, name)}
-    outcome = run_training(cfg, "relabel", run_name, data, teacher=teacher_path, soft_labels=soft)
-    _replay(outcome, on_epoch)
-    return _driver_model(cfg, cfg.relabel.model, data, outcome.model_state)
+    ensure_ray(cfg)
+    specs: list[dict[str, Any]] = []
+    refs: dict[int, Any] = {}
+    for job, skip in zip(jobs, finished):
+        c = job.cfg
+        key = c.hash("seed", "data", "squeeze", "recover", "relabel")
+        spec: dict[str, Any] = {"name": job.name, "key": f"{job.name}-{'soft' if job.soft else 'hard'}-{key}-{len(job.data)}", "finished": skip}
+        if not skip:
+            teacher = teacher_path(c) if job.soft else None
+            soft = None
+            if teacher is not None and c.relabel.soft_labels == "precomputed":
+                # Same folder and key as the in-process path (LocalEngine), so either path reuses the other's labels.
+                soft = {"dir": str((job.work / "soft_labels").resolve()), "source": soft_label_source(c, job.name)}
+            if id(job.data) not in refs:  # the condensed set serves several students: through the object store once
+                refs[id(job.data)] = ray.put(job.data)
+            job.work.mkdir(parents=True, exist_ok=True)
+            spec.update({"cfg": c.model_dump(mode="json"), "data": refs[id(job.data)], "teacher": str(teacher.resolve()) if teacher else None,
+                         "soft_labels": soft, "work": str(job.work.resolve()), "rows": len(job.data)})
+        specs.append(spec)
+    # Named by the whole list (the students found finished included), so rerunning the same list after an interruption
+    # resumes this run: its checkpoint holds the student it was training.
+    name = f"relabel-{len(specs)}-students-{hashlib.sha256(' '.join(s['key'] for s in specs).encode()).hexdigest()[:12]}"
+    run_training(cfg, "relabel", name, None, jobs=specs)
