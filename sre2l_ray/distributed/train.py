@@ -4,7 +4,8 @@ Each worker builds the model, wraps it with `ray.train.torch.prepare_model` (DDP
 the frozen relabel teacher is never wrapped), and runs `squeeze_epoch` / `relabel_epoch` on its rank's share of
 each epoch. With data.name=shards the squeeze workers instead read their share of the training split as a Ray
 Data stream (read_parquet -> decode -> crop/flip, distributed/data.py) and rank 0 scores the streamed val split,
-so an ImageNet-sized split is never held in memory.
+so an ImageNet-sized split is never held in memory. Relabel trains all the students it is given (a stage's kinds and
+seeds) one after another in one run (fit_students), since each run costs ~12 s of controller and worker start-up.
 
 Epochs end with `ray.train.report(metrics, checkpoint)` (every epoch, or every `ray.checkpoint_every_s` seconds
 of training when epochs are short: see `_report_every`); the checkpoint holds model, optimizer, scheduler, epoch
@@ -13,7 +14,8 @@ under `ray.storage_path` (default <output_dir>/ray), so rerunning the same stage
 and `FailureConfig(max_failures)` replaces a worker that dies and continues from that checkpoint.
 
 Test hook: when the driver's environment has SRE2L_FAULT_FILE=<path> and that file exists, rank 0 deletes it and
-raises once at the start of the next epoch after the first checkpoint; tests use it to prove resumption.
+raises once at the start of the next epoch after the first checkpoint (if the file holds a student's name, only while
+training that student); tests use it to prove resumption.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from sre2l_ray import logs
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config
 from sre2l_ray.data.datasets import ImageSet
-from sre2l_ray.engine.base import OnStudentDone, OnStudentEpoch, StudentJob
 from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
+from sre2l_ray.engine.base import OnStudentDone, OnStudentEpoch, StudentJob
 from sre2l_ray.runtime import resolve_device, set_threads
 from sre2l_ray.stages import relabel, squeeze
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
@@ -54,6 +56,8 @@ FAULT_ENV = "SRE2L_FAULT_FILE"
 STATE_FILE = "state.pt"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 _USER_POLL = os.environ.get(POLL_ENV)  # an interval the user exported wins over ray.poll_interval_s
+WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+_USER_WATCHER = os.environ.get(WATCHER_ENV)
 
 
 @dataclass
@@ -307,6 +311,14 @@ def run_training(
         stream = {k: v for k, v in stream.items() if k in ("shape", "rows")}
     if _USER_POLL is None:  # read from the driver's environment when the controller starts, and passed on to it
         os.environ[POLL_ENV] = str(cfg.ray.poll_interval_s)
+    if _USER_WATCHER is None:
+        # Ray Train 2.60 starts a PreemptionWatcher actor per worker group to hand workers a node's drain notice; on a
+        # one-node cluster there is no other node to move to, and the actor costs a process start (~2 s of CPU) plus
+        # ~1 % of a core while it polls (measured, docs/BENCHMARKS.md). Kept on as Ray's default on a multi-node cluster.
+        if sum(1 for n in ray.nodes() if n.get("Alive")) == 1:
+            os.environ[WATCHER_ENV] = "0"
+        else:
+            os.environ.pop(WATCHER_ENV, None)
     gpu = use_gpu(cfg)
     resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     # A request the cluster can never hold would otherwise retry the worker group start every minute, for ever.
