@@ -29,8 +29,9 @@ SMALL_ARGS: dict[str, list[str]] = {
     "tune_cost": ["--scale", "small"],
     "recover_speed": ["--steps", "5", "--warmup", "2"],
     "relabel_speed": ["--steps", "5", "--warmup", "2"],
+    "ray_pipeline": ["--rounds", "1"],
 }
-SLOW = {"recipes", "tune_cost", "data_throughput", "tune_search", "soft_label_accuracy"}
+SLOW = {"recipes", "tune_cost", "data_throughput", "tune_search", "soft_label_accuracy", "ray_pipeline"}
 HARNESS_AWARE = {"recover_speed", "relabel_speed"}
 
 
