@@ -30,8 +30,9 @@ SMALL_ARGS: dict[str, list[str]] = {
     "recover_speed": ["--steps", "5", "--warmup", "2"],
     "relabel_speed": ["--steps", "5", "--warmup", "2"],
     "ray_pipeline": ["--rounds", "1"],
+    "train_worker_profile": ["--epochs", "300"],
 }
-SLOW = {"recipes", "tune_cost", "data_throughput", "tune_search", "soft_label_accuracy", "ray_pipeline"}
+SLOW = {"recipes", "tune_cost", "data_throughput", "tune_search", "soft_label_accuracy", "ray_pipeline", "train_worker_profile"}
 HARNESS_AWARE = {"recover_speed", "relabel_speed"}
 
 

@@ -358,6 +358,10 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None, engine: Engine | N
     tracker, engine = tracker or Tracker(cfg), engine or engine_for(cfg)
     _setup(cfg)
     meta = teacher_meta(cfg)
+    stages_path = out_dir(cfg) / "stages.json"
+    # In a pipeline the relabel stage trains every student and this one scores and summarises them: its first run in
+    # an output folder is its own work, not a reuse, even though it trains nothing.
+    first = "evaluate" not in (json.loads(stages_path.read_text()) if stages_path.is_file() else {})
     with tracker.run("evaluate", nested=True, log_config=False), measure() as stats:
         # Reused when the keyed results match this config (relabel ran them), else trained now with this recipe.
         students = _student_runs(cfg, _student_sets(cfg, meta, cfg.evaluate.baselines), tracker, engine.val_scorer(cfg), engine)
@@ -371,8 +375,8 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None, engine: Engine | N
                 "hlr": {"top1": full["top1"] - students["condensed_hard"]["top1"], "full_top1": full["top1"], "full_source": full["source"]},
             }
         tracker.log_metrics(headline_metrics(students, summary))
-    _record_stage(cfg, "evaluate", stats)
-    stages = json.loads((out_dir(cfg) / "stages.json").read_text())
+    _record_stage(cfg, "evaluate", stats, worked=True if first else None)
+    stages = json.loads(stages_path.read_text())
     results = {
         "dataset": cfg.data.name,
         "ipc": cfg.recover.ipc,
