@@ -67,7 +67,7 @@ def _worker(config: dict) -> None:
     set_threads(threads_for(2.0))  # as _fit_one does for ray.cpus_per_worker=2
     info = {"torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-            "cpu_affinity": sorted(os.sched_getaffinity(0)), "thread": threading.current_thread().name, "start": time.time()}
+            "cpu_affinity": sorted(os.sched_getaffinity(0)), "nice": os.nice(0), "thread": threading.current_thread().name, "start": time.time()}
     info["epoch_s"] = epochs(cfg, ray.get(config["data"]), config["teacher"], wrap=prepare_model)
     info["end"] = time.time()
     Path(config["out"]).write_text(json.dumps(info))
@@ -158,7 +158,8 @@ def main(argv: list[str]) -> None:
     with Sampler() as s:
         t0 = time.time()
         rows["in-process"] = {**summary(epochs(cfg, data, teacher)), "cpu_s": s.cpu(t0, time.time())}
-    rows["in-process"]["load_1min"] = round(os.getloadavg()[0], 2)
+    rows["in-process"].update(load_1min=round(os.getloadavg()[0], 2), nice=os.nice(0), torch_threads=torch.get_num_threads(),
+                              OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
     ref = ray.put(data)
     for name, watcher in (("Train worker", False), ("Train worker + PreemptionWatcher", True)):
