@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -148,6 +149,13 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--result", default=str(ROOT / "benchmarks/results/train_worker_profile.json"))
     args, overrides = ap.parse_known_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="sre2l_profile_"))
+    try:
+        profile(args, overrides, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def profile(args: argparse.Namespace, overrides: list[str], tmp: Path) -> None:
     cfg = load_config(ROOT / "configs/demo.yaml", ["data.train_limit=6000", "squeeze.epochs=1", "tracking.enabled=false", "ray.enabled=false",
                                                    "threads=2", f"data.root={ROOT / 'data'}", f"output_dir={tmp}", f"relabel.epochs={args.epochs}", *overrides])
     pipeline.run_squeeze(cfg)
