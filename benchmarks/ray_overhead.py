@@ -32,11 +32,13 @@ import torch  # noqa: E402
 from sre2l_ray import pipeline  # noqa: E402
 from sre2l_ray.config import Config, load_config  # noqa: E402
 from sre2l_ray.data.datasets import STATS  # noqa: E402
+from sre2l_ray.engine.base import StudentJob  # noqa: E402
+from sre2l_ray.pipeline import seed_config  # noqa: E402
 from sre2l_ray.runtime import resolve_device, set_threads  # noqa: E402
 from sre2l_ray.stages.recover import plan_shards  # noqa: E402
 from sre2l_ray.stages.relabel import train_student  # noqa: E402
 from sre2l_ray.recovery import recover_local, synthetic_store  # noqa: E402
-from sre2l_ray.teacher import load_teacher, teacher_meta, teacher_path  # noqa: E402
+from sre2l_ray.teacher import load_teacher, teacher_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Demo-ish scale: the demo recipe's models and recovery split into one shard per ipc index (10 shards, so actors
@@ -84,9 +86,10 @@ def time_relabel(cfg: Config, base: Path, name: str, ray_on: bool) -> float:
     data = synthetic_store(c, list(teacher_meta(c)["classes"])).as_image_set(mean, std)
     t0 = time.perf_counter()
     if ray_on:
-        from sre2l_ray.distributed.train import fit_student
+        from sre2l_ray.distributed.train import fit_students
 
-        fit_student(c, data, teacher_path(c), "bench", out / "students" / "bench", None)
+        job = StudentJob("bench", seed_config(c, 0), data, out / "students" / "bench", True)
+        fit_students(c, [job], lambda i, e, m: None, lambda i, m: None)
     else:
         device = resolve_device(c.device)
         train_student(c, data, load_teacher(c, device), device, out / "students" / "bench")

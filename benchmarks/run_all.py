@@ -29,8 +29,10 @@ SMALL_ARGS: dict[str, list[str]] = {
     "tune_cost": ["--scale", "small"],
     "recover_speed": ["--steps", "5", "--warmup", "2"],
     "relabel_speed": ["--steps", "5", "--warmup", "2"],
+    "ray_pipeline": ["--rounds", "1"],
+    "train_worker_profile": ["--epochs", "300"],
 }
-SLOW = {"recipes", "tune_cost", "data_throughput", "tune_search", "soft_label_accuracy"}
+SLOW = {"recipes", "tune_cost", "data_throughput", "tune_search", "soft_label_accuracy", "ray_pipeline", "train_worker_profile"}
 HARNESS_AWARE = {"recover_speed", "relabel_speed"}
 # Scripts here that are tools, not benchmarks (they write no result and take required arguments).
 TOOLS = {"run_all", "make_imagenet_shaped"}

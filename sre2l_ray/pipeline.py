@@ -16,12 +16,16 @@ Outputs:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
@@ -29,7 +33,7 @@ from sre2l_ray.config import Config, to_yaml
 from sre2l_ray.data.datasets import ImageSet, check_subset_fits, load_split, real_subsets
 from sre2l_ray.data.synthetic import SyntheticStore
 from sre2l_ray.engine import engine_for
-from sre2l_ray.engine.base import Engine, Scorer
+from sre2l_ray.engine.base import Engine, Scorer, StudentJob
 from sre2l_ray.io import atomic_write_bytes, atomic_write_json, sweep_stale_temps
 from sre2l_ray.models import create_model
 from sre2l_ray.recipes import recipe_name, run_title
@@ -251,45 +255,109 @@ def seed_config(cfg: Config, k: int, lr: float | None = None) -> Config:
     return cfg.model_copy(update={"relabel": cfg.relabel.model_copy(update=update)})
 
 
-def _student(cfg: Config, kind: str, k: int, data: ImageSet, tracker: Tracker, score: Scorer, engine: Engine,
-             lr: float | None = None) -> dict[str, float]:
-    """Train (or reuse) one student of `kind` for evaluation seed k on `data`; returns its val metrics."""
-    scfg = seed_config(cfg, k, lr)
-    tag = f"seed{k}" if lr is None else f"seed{k}-lr{lr:g}"
-    work = out_dir(cfg) / "students" / kind / tag
-    result_path = work / "metrics.json"
-    key = scfg.hash(*_KEYS[kind]) + f"-k{k}-ipc{scfg.recover.ipc}"  # the random subset's size is recover.ipc
-    if result_path.is_file():
-        done = json.loads(result_path.read_text())
-        if done.get("key") == key:
-            return done["metrics"]
-    soft = not kind.endswith("_hard")
-    with tracker.run(f"relabel:{kind}/{tag}", nested=True, log_config=False):
-        bar = epoch_bar(scfg.relabel.epochs, f"student {kind} {tag}")
+@dataclass
+class _Student:
+    """One student of the evaluation: kind, evaluation seed k, and the lr its config trains with (None: the recipe's)."""
 
-        def on_epoch(epoch: int, m: dict[str, float]) -> None:
-            tick(bar, m)
-            if epoch % max(1, scfg.relabel.epochs // 50) == 0 or epoch == scfg.relabel.epochs - 1:
-                tracker.log_metrics(m, step=epoch)
+    kind: str
+    k: int
+    data: ImageSet
+    lr: float | None = None
 
-        student = engine.fit_student(scfg, data, f"{kind}-{tag}", work, soft, on_epoch)
-        bar.close()
+    @property
+    def tag(self) -> str:
+        return f"seed{self.k}" if self.lr is None else f"seed{self.k}-lr{self.lr:g}"
+
+
+def _train_students(cfg: Config, students: list[_Student], tracker: Tracker, score: Scorer, engine: Engine) -> list[dict[str, float]]:
+    """Each student's val metrics: reused from its students/<kind>/<tag>/metrics.json when the key matches this config,
+    else trained now, all of them in one engine call (on Ray, one Train run), each written as it comes back."""
+    jobs: list[tuple[int, StudentJob, str]] = []
+    results: list[dict[str, float] | None] = []
+    for s in students:
+        scfg = seed_config(cfg, s.k, s.lr)
+        work = out_dir(cfg) / "students" / s.kind / s.tag
+        key = scfg.hash(*_KEYS[s.kind]) + f"-k{s.k}-ipc{scfg.recover.ipc}"  # the random subset's size is recover.ipc
+        result_path = work / "metrics.json"
+        done = json.loads(result_path.read_text()) if result_path.is_file() else {}
+        results.append(done["metrics"] if done.get("key") == key else None)
+        if results[-1] is None:
+            jobs.append((len(results) - 1, StudentJob(f"{s.kind}-{s.tag}", scfg, s.data, work, not s.kind.endswith("_hard")), key))
+    if not jobs:
+        return results  # type: ignore[return-value]
+
+    # A student's MLflow run and bar open at its first event and close when it is scored: an engine delivers each
+    # student's events together, its epochs then its on_done (see Engine.fit_students).
+    current: dict[str, Any] = {"i": None}
+
+    def begin(i: int) -> None:
+        if current["i"] == i:
+            return
+        s, job = students[jobs[i][0]], jobs[i][1]
+        run = contextlib.ExitStack()
+        run.enter_context(tracker.run(f"relabel:{s.kind}/{s.tag}", nested=True, log_config=False))
+        current.update(i=i, run=run, bar=epoch_bar(job.cfg.relabel.epochs, f"student {s.kind} {s.tag}"))
+
+    def on_epoch(i: int, epoch: int, m: dict[str, float]) -> None:
+        begin(i)
+        tick(current["bar"], m)
+        epochs = jobs[i][1].cfg.relabel.epochs
+        if epoch % max(1, epochs // 50) == 0 or epoch == epochs - 1:
+            tracker.log_metrics(m, step=epoch)
+
+    def on_done(i: int, student: nn.Module) -> None:
+        begin(i)
+        current["bar"].close()
         metrics = score(student)
         tracker.log_metrics({f"val_{m}": v for m, v in metrics.items()})
-    save_checkpoint(work / "model.pt", model=student.state_dict(), model_config=scfg.relabel.model.model_dump(), metrics=metrics)
-    atomic_write_json(result_path, {"key": key, "metrics": metrics, "images": len(data), "relabel_seed": scfg.relabel.seed, "lr": scfg.relabel.lr})
-    return metrics
+        current.pop("run").close()
+        current["i"] = None
+        at, job, key = jobs[i]
+        save_checkpoint(job.work / "model.pt", model=student.state_dict(), model_config=job.cfg.relabel.model.model_dump(), metrics=metrics)
+        atomic_write_json(job.work / "metrics.json", {"key": key, "metrics": metrics, "images": len(job.data),
+                                                      "relabel_seed": job.cfg.relabel.seed, "lr": job.cfg.relabel.lr})
+        results[at] = metrics
+
+    try:
+        engine.fit_students(cfg, [job for _, job, _ in jobs], on_epoch, on_done)
+    except BaseException:
+        if "run" in current:  # the interrupted student's MLflow run ends as failed, its bar stops
+            current["bar"].close()
+            current.pop("run").__exit__(*sys.exc_info())
+        raise
+    return results  # type: ignore[return-value]
 
 
-def _student_runs(cfg: Config, kind: str, data: Callable[[int], ImageSet], tracker: Tracker, score: Scorer, engine: Engine) -> dict[str, Any]:
-    """Every evaluation seed of one student kind (after the optional lr search on seed 0): per-seed metrics and their
-    mean +- std. `data(k)` gives seed k's images."""
-    lr = None
+def _student_runs(cfg: Config, sets: dict[str, Callable[[int], ImageSet]], tracker: Tracker, score: Scorer, engine: Engine) -> dict[str, Any]:
+    """Every evaluation seed of each student kind in `sets` (kind -> seed k's images), after the optional lr search
+    on seed 0, trained together (one engine call for the lr trials, one for the seeds): per kind, per-seed metrics
+    and their mean +- std."""
+    lrs: dict[str, float | None] = dict.fromkeys(sets)
     if cfg.evaluate.lr_grid:
-        trials = {x: _student(cfg, kind, 0, data(0), tracker, score, engine, lr=x)["top1"] for x in cfg.evaluate.lr_grid}
-        lr = max(trials, key=lambda x: trials[x])
-    runs = [{"seed": k, **_student(cfg, kind, k, data(k), tracker, score, engine, lr=lr)} for k in range(cfg.evaluate.seeds)]
-    return {**summarize_seeds(runs), "runs": runs, **({"lr": lr} if lr is not None else {})}
+        grid = [_Student(kind, 0, data(0), lr) for kind, data in sets.items() for lr in cfg.evaluate.lr_grid]
+        trials = _train_students(cfg, grid, tracker, score, engine)
+        for kind in sets:
+            top1 = {s.lr: m["top1"] for s, m in zip(grid, trials) if s.kind == kind}
+            lrs[kind] = max(top1, key=lambda x: top1[x])
+    seeds = [_Student(kind, k, data(k), lrs[kind]) for kind, data in sets.items() for k in range(cfg.evaluate.seeds)]
+    metrics = _train_students(cfg, seeds, tracker, score, engine)
+    out = {}
+    for kind in sets:
+        runs = [{"seed": s.k, **m} for s, m in zip(seeds, metrics) if s.kind == kind]
+        out[kind] = {**summarize_seeds(runs), "runs": runs, **({"lr": lrs[kind]} if lrs[kind] is not None else {})}
+    return out
+
+
+def _student_sets(cfg: Config, meta: dict[str, Any], baselines: bool) -> dict[str, Callable[[int], ImageSet]]:
+    """The images of each student kind, by evaluation seed k: the condensed set, and with `baselines` a random real
+    subset of the same size per seed (soft and hard labels) and the condensed set with hard labels."""
+    condensed = _condensed_set(cfg, meta)
+    sets: dict[str, Callable[[int], ImageSet]] = {"condensed": lambda k: condensed}
+    if baselines:
+        seeds = [cfg.seed + k for k in range(cfg.evaluate.seeds)]
+        subsets = dict(zip(range(len(seeds)), real_subsets(cfg.data, cfg.recover.ipc, seeds)))
+        sets.update({"random_soft": subsets.__getitem__, "random_hard": subsets.__getitem__, "condensed_hard": lambda k: condensed})
+    return sets
 
 
 def _condensed_set(cfg: Config, meta: dict[str, Any]) -> ImageSet:
@@ -299,14 +367,15 @@ def _condensed_set(cfg: Config, meta: dict[str, Any]) -> ImageSet:
     return synthetic_store(cfg, list(meta["classes"])).as_image_set(mean, std)
 
 
-def run_relabel(cfg: Config, tracker: Tracker | None = None, engine: Engine | None = None) -> dict[str, Any]:
-    """Train the condensed set's students (teacher's soft labels, every evaluation seed); evaluate them on real val."""
+def run_relabel(cfg: Config, tracker: Tracker | None = None, engine: Engine | None = None, baselines: bool = False) -> dict[str, Any]:
+    """Train the condensed set's students (teacher's soft labels, every evaluation seed); evaluate them on real val.
+    With `baselines` (run_pipeline, when evaluate.baselines is on) the evaluation's baseline students train here too,
+    in the same engine call (one Ray Train run for all), and run_evaluate reuses them."""
     tracker, engine = tracker or Tracker(cfg), engine or engine_for(cfg)
     _setup(cfg)
     meta = teacher_meta(cfg)
     with measure() as stats:
-        condensed = _condensed_set(cfg, meta)
-        result = _student_runs(cfg, "condensed", lambda k: condensed, tracker, engine.val_scorer(cfg), engine)
+        result = _student_runs(cfg, _student_sets(cfg, meta, baselines), tracker, engine.val_scorer(cfg), engine)["condensed"]
     _record_stage(cfg, "relabel", stats)
     return result
 
@@ -325,18 +394,15 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None, engine: Engine | N
     tracker, engine = tracker or Tracker(cfg), engine or engine_for(cfg)
     _setup(cfg)
     meta = teacher_meta(cfg)
+    stages_path = out_dir(cfg) / "stages.json"
+    # In a pipeline the relabel stage trains every student and this one scores and summarises them: its first run in
+    # an output folder is its own work, not a reuse, even though it trains nothing.
+    first = "evaluate" not in (json.loads(stages_path.read_text()) if stages_path.is_file() else {})
     with tracker.run("evaluate", nested=True, log_config=False), measure() as stats:
-        score = engine.val_scorer(cfg)
-        condensed = _condensed_set(cfg, meta)
         # Reused when the keyed results match this config (relabel ran them), else trained now with this recipe.
-        students = {"condensed": _student_runs(cfg, "condensed", lambda k: condensed, tracker, score, engine)}
+        students = _student_runs(cfg, _student_sets(cfg, meta, cfg.evaluate.baselines), tracker, engine.val_scorer(cfg), engine)
         summary: dict[str, Any] = {}
         if cfg.evaluate.baselines:
-            seeds = [cfg.seed + k for k in range(cfg.evaluate.seeds)]
-            subsets = dict(zip(range(len(seeds)), real_subsets(cfg.data, cfg.recover.ipc, seeds)))
-            students["random_soft"] = _student_runs(cfg, "random_soft", subsets.__getitem__, tracker, score, engine)
-            students["random_hard"] = _student_runs(cfg, "random_hard", subsets.__getitem__, tracker, score, engine)
-            students["condensed_hard"] = _student_runs(cfg, "condensed_hard", lambda k: condensed, tracker, score, engine)
             top1 = lambda kind: [r["top1"] for r in students[kind]["runs"]]  # noqa: E731
             ior, ior_std = improvement_over_random(top1("condensed"), top1("random_soft"))
             full = full_data_accuracy(cfg, meta)
@@ -345,8 +411,8 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None, engine: Engine | N
                 "hlr": {"top1": full["top1"] - students["condensed_hard"]["top1"], "full_top1": full["top1"], "full_source": full["source"]},
             }
         tracker.log_metrics(headline_metrics(students, summary))
-    _record_stage(cfg, "evaluate", stats)
-    stages = json.loads((out_dir(cfg) / "stages.json").read_text())
+    _record_stage(cfg, "evaluate", stats, worked=True if first else None)
+    stages = json.loads(stages_path.read_text())
     results = {
         "dataset": cfg.data.name,
         "ipc": cfg.recover.ipc,
@@ -383,7 +449,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     with tracker.run("pipeline", title=run_title(cfg), tags={"recipe": recipe_name(cfg)}):
         run_squeeze(cfg, tracker, engine)
         run_recover(cfg, tracker, engine)
-        run_relabel(cfg, tracker, engine)
+        run_relabel(cfg, tracker, engine, baselines=cfg.evaluate.baselines)  # every student in one engine call
         results = run_evaluate(cfg, tracker, engine)
         tracker.log_artifact(out_dir(cfg) / "synthetic_grid.png")
         tracker.log_artifact(out_dir(cfg) / "synthetic" / "manifest.json")

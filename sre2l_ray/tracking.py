@@ -174,7 +174,10 @@ class Tracker:
         mlflow = self._mlflow
         if run_id is not None and not self._exists(run_id):
             run_id = None
-        with mlflow.start_run(run_id=run_id, run_name=None if run_id else (title or name), nested=nested) as active:
+        # MLflow's active run is per thread: a nested run opened on another thread (students scored by the progress
+        # thread while a Train run trains) names its parent, this Tracker's innermost open run, explicitly.
+        parent = self._run_ids[-1] if nested and self._run_ids and mlflow.active_run() is None else None
+        with mlflow.start_run(run_id=run_id, run_name=None if run_id else (title or name), nested=nested, parent_run_id=parent) as active:
             mlflow.set_tags({"stage": name, **{k: str(v) for k, v in (tags or {}).items()}})
             if log_config:
                 mlflow.log_params(safe_params(self.cfg))

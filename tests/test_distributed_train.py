@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from sre2l_ray.checkpoint import load_checkpoint
 from sre2l_ray.data.datasets import load_split
@@ -52,3 +53,64 @@ def test_failed_run_resumes_on_rerun_and_a_failed_worker_is_replaced(ray_local, 
     # Start epochs of the attempts that saved checkpoints: the first run, then the replacement, resuming at 1.
     assert outcome.attempts == [0, 1], "never restarted from scratch"
     assert len(outcome.history) == 3 and outcome.history[-1]["lr"] == pytest.approx(0.0)
+
+
+def _jobs(cfg, tmp_path: Path, subsets) -> list:
+    from sre2l_ray.engine.base import StudentJob
+    from sre2l_ray.pipeline import seed_config
+
+    # Two student seeds with soft labels, one with hard labels: each job its own config, images and folder.
+    return [StudentJob(name, seed_config(cfg, k), subsets[k], tmp_path / name, soft)
+            for name, k, soft in (("soft-seed0", 0, True), ("hard-seed0", 0, False), ("soft-seed1", 1, True))]
+
+
+def test_students_in_one_run_match_separate_in_process_fits_and_resume_mid_list(ray_local, tiny_config, tmp_path, monkeypatch):
+    from sre2l_ray.data.datasets import real_subsets
+    from sre2l_ray.distributed.train import fit_students
+    from sre2l_ray.engine.local import LocalEngine
+    from sre2l_ray.pipeline import run_squeeze
+    from sre2l_ray.stages.relabel import LAST
+
+    base = ("squeeze.epochs=1", "relabel.epochs=3", "threads=1", "ray.cpus_per_worker=1", "ray.checkpoint_every_s=0", "ray.max_failures=0")
+    local_cfg = tiny_config(*base)
+    run_squeeze(local_cfg)  # the soft students' teacher, in process
+    subsets = real_subsets(local_cfg.data, 2, [0, 1])
+    want: dict[str, dict] = {}
+    LocalEngine().fit_students(local_cfg, _jobs(local_cfg, tmp_path / "local", subsets), lambda *_: None,
+                               lambda i, m: want.__setitem__(i, m.state_dict()))
+
+    cfg = tiny_config(*base, "ray.enabled=true")
+    jobs = _jobs(cfg, tmp_path / "ray", subsets)
+    fault = tmp_path / "fault"
+    fault.write_text("hard-seed0")  # rank 0 raises at the start of this student's epoch 1 (after epoch 0's checkpoint)
+    monkeypatch.setenv(FAULT_ENV, str(fault))
+    with pytest.raises(RuntimeError, match="rerun to resume"):
+        fit_students(cfg, jobs, lambda *_: None, lambda i, m: None)
+    assert not fault.exists(), "the fault fired"
+    first = jobs[0].work / LAST
+    assert first.is_file() and not (jobs[1].work / LAST).exists(), "the first student was written as it finished"
+    stamp = first.stat().st_mtime_ns
+
+    events: list[tuple[int, int]] = []
+    got: dict[int, dict] = {}
+
+    def done(i, model) -> None:
+        assert [e for j, e in events if j == i] == [0, 1, 2], "a student's epochs come before it is handed over"
+        got[i] = model.state_dict()
+
+    fit_students(cfg, jobs, lambda i, e, m: events.append((i, e)), done)  # the same list again: the same run resumes
+    assert first.stat().st_mtime_ns == stamp, "the finished student was skipped, not retrained"
+    states = [load_checkpoint(j.work / LAST) for j in jobs]
+    assert [s["attempts"] for s in states] == [[0], [0, 1], [0]], "the interrupted student resumed at its epoch 1"
+    assert [i for i, _ in events] == [0, 0, 0, 1, 1, 1, 2, 2, 2], "each student's epochs in turn, in job order"
+    # One Train run for the list (resumed, not a second one), and every student identical to its in-process fit.
+    assert len(list((Path(cfg.output_dir) / "ray").glob("relabel-*"))) == 1
+    for i in range(len(jobs)):
+        assert want[i].keys() == got[i].keys()
+        assert all(torch.equal(want[i][k], got[i][k]) for k in want[i]), f"student {jobs[i].name} differs from its in-process fit"
+
+    # Finished students are reused by either engine without a Train run or an epoch.
+    again: list[tuple[int, int]] = []
+    reused: dict[int, dict] = {}
+    LocalEngine().fit_students(local_cfg, jobs, lambda i, e, m: again.append((i, e)), lambda i, m: reused.__setitem__(i, m.state_dict()))
+    assert again == [] and all(torch.equal(reused[i][k], got[i][k]) for i in got for k in got[i])

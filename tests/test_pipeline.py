@@ -31,6 +31,8 @@ def test_pipeline_writes_every_output(tiny_run: tuple) -> None:
     for m in saved["students"].values():
         assert 0 <= m["top1"] <= m["top5"] <= 100
     assert saved["stages"]["recover"]["peak_rss_mb"] > 0 and saved["stages"]["squeeze"]["wall_s"] > 0
+    # relabel trained every student (one engine call) and evaluate summarised them: a first run reuses no stage.
+    assert not any(st.get("reused") for st in saved["stages"].values()), saved["stages"]
     assert results["students"] == saved["students"]
 
 

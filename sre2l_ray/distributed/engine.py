@@ -4,18 +4,16 @@ of decoded into memory."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from sre2l_ray.config import Config
-from sre2l_ray.data.datasets import ImageSet, load_split
+from sre2l_ray.data.datasets import load_split
 from sre2l_ray.data.synthetic import SyntheticStore
-from sre2l_ray.engine.base import BatchInputs, OnEpoch, Progress, Scorer, Step, TeacherFit
+from sre2l_ray.engine.base import BatchInputs, OnEpoch, OnStudentDone, OnStudentEpoch, Progress, Scorer, Step, StudentJob, TeacherFit
 from sre2l_ray.engine.local import LocalEngine
 from sre2l_ray.stages.recover import Shard
-from sre2l_ray.teacher import teacher_path
 
 
 def streams(cfg: Config) -> bool:
@@ -41,10 +39,10 @@ class RayEngine:
 
         recover_on_actors(cfg, store, meta, todo, progress, inputs, on_step)
 
-    def fit_student(self, cfg: Config, data: ImageSet, name: str, work: str | Path, soft: bool, on_epoch: OnEpoch) -> nn.Module:
-        from sre2l_ray.distributed.train import fit_student
+    def fit_students(self, cfg: Config, jobs: list[StudentJob], on_epoch: OnStudentEpoch, on_done: OnStudentDone) -> None:
+        from sre2l_ray.distributed.train import fit_students
 
-        return fit_student(cfg, data, teacher_path(cfg) if soft else None, name, Path(work), on_epoch)
+        fit_students(cfg, jobs, on_epoch, on_done)
 
     def val_scorer(self, cfg: Config) -> Scorer:
         if not streams(cfg):

@@ -4,7 +4,8 @@ Each worker builds the model, wraps it with `ray.train.torch.prepare_model` (DDP
 the frozen relabel teacher is never wrapped), and runs `squeeze_epoch` / `relabel_epoch` on its rank's share of
 each epoch. With data.name=shards the squeeze workers instead read their share of the training split as a Ray
 Data stream (read_parquet -> decode -> crop/flip, distributed/data.py) and rank 0 scores the streamed val split,
-so an ImageNet-sized split is never held in memory.
+so an ImageNet-sized split is never held in memory. Relabel trains all the students it is given (a stage's kinds and
+seeds) one after another in one run (fit_students), since each run costs ~12 s of controller and worker start-up.
 
 Epochs end with `ray.train.report(metrics, checkpoint)` (every epoch, or every `ray.checkpoint_every_s` seconds
 of training when epochs are short: see `_report_every`); the checkpoint holds model, optimizer, scheduler, epoch,
@@ -17,11 +18,13 @@ Rank 0 also puts each epoch's metrics on the driver's progress channel as the ep
 so the driver's bar and MLflow follow the run live rather than when fit() returns; every rank reports its memory.
 
 Test hook: when the driver's environment has SRE2L_FAULT_FILE=<path> and that file exists, rank 0 deletes it and
-raises once at the start of the next epoch after the first checkpoint; tests use it to prove resumption.
+raises once at the start of the next epoch after the first checkpoint (if the file holds a student's name, only while
+training that student); tests use it to prove resumption.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -46,19 +49,22 @@ from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config, is_uri
 from sre2l_ray.data.datasets import ImageSet
 from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
-from sre2l_ray.distributed.progress import Channel, EpochFeed, Reporter
+from sre2l_ray.distributed.progress import Channel, EpochFeed, Event, Reporter
+from sre2l_ray.engine.base import OnStudentDone, OnStudentEpoch, StudentJob
 from sre2l_ray.runtime import process_peak_mb, resolve_device, set_threads
 from sre2l_ray.stages import relabel, squeeze
 from sre2l_ray.stages.evaluate import evaluate, evaluate_batches
 from sre2l_ray.stages.training import DataShape, SplitShape, build_model
 from sre2l_ray.storage import storage_path
-from sre2l_ray.teacher import kept_teacher_path, load_teacher
+from sre2l_ray.teacher import kept_teacher_path, load_teacher, teacher_path
 
 OnEpoch = Callable[[int, dict[str, float]], None]
 FAULT_ENV = "SRE2L_FAULT_FILE"
 STATE_FILE = "state.pt"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 _USER_POLL = os.environ.get(POLL_ENV)  # an interval the user exported wins over ray.poll_interval_s
+WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+_USER_WATCHER = os.environ.get(WATCHER_ENV)
 
 
 @dataclass
@@ -75,12 +81,41 @@ class TrainOutcome:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: the teacher (kind squeeze), or each of the students in config["jobs"] in turn
+    (kind relabel), so one run (one ~12 s worker group start) trains a whole stage's students.
+
+    Every checkpoint also names the student it belongs to ("job", its run key) and the students finished before it
+    ("done"), so a replaced worker or a rerun skips those and resumes the one it was training. As each student
+    finishes, rank 0 writes it to its folder (last.pt, the in-process engine's format) for the driver to score."""
     process_peak_mb()  # sample this worker's memory from here on; it travels with every progress event
-    cfg = Config.model_validate(config["cfg"])
-    kind: str = config["kind"]
     # Progress reaches the driver's bar through distributed/progress.py; per-report INFO lines would flood the console.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(Path(d) / STATE_FILE)
+    if config["kind"] == "squeeze":
+        _fit_one(config, state, [])
+        return
+    done: list[str] = list(state.get("done", [])) if state is not None else []
+    for job in config["jobs"]:
+        if job["finished"] or (job["key"] in done and _written(job)):  # trained by an earlier run, or earlier in this one
+            continue
+        mine = state if state is not None and state.get("job") == job["key"] else None
+        _fit_one({**config, **job}, mine, done)
+        done.append(job["key"])
+
+
+def _written(job: dict[str, Any]) -> bool:
+    """The job's student is in its folder, trained (else a student this run finished but whose file is gone retrains)."""
+    return relabel.finished_student(Config.model_validate(job["cfg"]), job["rows"], Path(job["work"])) is not None
+
+
+def _fit_one(config: dict[str, Any], state: dict[str, Any] | None, done: list[str]) -> None:
+    """Train one model on this worker (resuming `state`, a checkpoint of it); `done`: the run's finished students."""
+    cfg = Config.model_validate(config["cfg"])
+    kind: str = config["kind"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     reporter: Reporter = config["reporter"].with_role(f"{kind} rank {rank}")
@@ -100,10 +135,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     epochs = cfg.squeeze.epochs if kind == "squeeze" else cfg.relabel.epochs
 
     start, history, attempts, nodes = 0, [], [], []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_checkpoint(Path(d) / STATE_FILE)
+    if state is not None:
         # DDP checkpoints are saved unwrapped, so they load into either form.
         getattr(model, "module", model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -115,7 +147,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     attempts.append(start)
     nodes.append(_rank_nodes(world))
     if rank == 0 and history:  # a resumed attempt: the driver's bar and MLflow get the epochs done before it
-        reporter.send("restored", history=history)
+        reporter.send("restored", history=history, job=config.get("key"))
 
     if kind == "squeeze" and stream:
         shard = ray.train.get_dataset_shard("train")  # this rank's equal share, reshuffled block order each epoch
@@ -134,7 +166,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     lap = time.perf_counter()
     sent = lap
     for epoch in range(start, epochs):
-        if fault and rank == 0 and epoch > 0 and Path(fault).exists():
+        if fault and rank == 0 and epoch > 0 and _armed(Path(fault), config.get("name")):
             Path(fault).unlink()
             raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV})")
         t0 = time.perf_counter()
@@ -156,7 +188,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         history.append(metrics)
         now = time.perf_counter()
         if rank == 0:  # live progress: the driver's bar and MLflow see this epoch now, not when fit() returns
-            reporter.send("epoch", epoch=epoch, metrics=metrics, epoch_s=now - lap)
+            reporter.send("epoch", epoch=epoch, metrics=metrics, epoch_s=now - lap, job=config.get("key"))
         elif now - sent > 2.0:  # the other ranks' memory, now and then
             reporter.send("memory")
             sent = now
@@ -169,12 +201,29 @@ def _train_loop(config: dict[str, Any]) -> None:
                 save_checkpoint(
                     Path(d) / STATE_FILE, model=getattr(model, "module", model).state_dict(), optimizer=opt.state_dict(),
                     scheduler=sched.state_dict(), epoch=epoch, history=history, attempts=attempts, world=world, nodes=nodes,
-                    **({"ema": ema.state_dict()} if ema is not None else {}),
+                    job=config.get("key"), done=done, **({"ema": ema.state_dict()} if ema is not None else {}),
                 )
                 checkpoint = Checkpoint.from_directory(d)
             # Metrics are rank 0's (its share of the epoch); every rank must call report the same number of times.
             ray.train.report(metrics, checkpoint=checkpoint)
+    if kind == "relabel" and rank == 0:
+        # The finished student in its own folder, atomically, in the format the in-process engine resumes from.
+        save_checkpoint(
+            Path(config["work"]) / relabel.LAST, model=getattr(model, "module", model).state_dict(), optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(), epoch=epochs - 1, key=relabel.resume_key(cfg, len(data)), history=history,
+            attempts=attempts, **({"ema": ema.state_dict()} if ema is not None else {}),
+        )
+        reporter.send("done", job=config.get("key"))  # the driver may score it now
     reporter.send("memory", wait=True)  # this worker's final peak, held before fit() can return
+
+
+def _armed(fault: Path, name: str | None) -> bool:
+    """The fault file exists and, if it names a student, that is the student being trained."""
+    try:
+        target = fault.read_text().strip()
+    except FileNotFoundError:
+        return False
+    return not target or target == name
 
 
 def _rank_nodes(world: int) -> list[str]:
@@ -292,15 +341,16 @@ def _storage_path(cfg: Config) -> str:
 
 def run_training(
     cfg: Config, kind: str, run_name: str, data: ImageSet | None, val: ImageSet | None = None, teacher: Path | None = None,
-    soft_labels: dict[str, str] | None = None, stream: dict[str, Any] | None = None, on_epoch: OnEpoch | None = None,
+    soft_labels: dict[str, str] | None = None, stream: dict[str, Any] | None = None, jobs: list[dict[str, Any]] | None = None,
+    on_event: Callable[[Event], None] | None = None,
 ) -> TrainOutcome:
-    """Fit one model with a TorchTrainer (kind: squeeze or relabel); resumes the run `run_name` if it exists.
-    With `stream` (squeeze only) the train and val splits are Ray Datasets read from shards instead of `data`/`val`.
-    `on_epoch` gets each epoch's metrics while the run trains (from rank 0, through distributed/progress.py), once
-    per epoch and in order; the workers' memory is noted for the stage's figure (runtime.measure)."""
+    """Fit the teacher (kind squeeze) or the students of `jobs` (kind relabel, see fit_students) with a TorchTrainer;
+    resumes the run `run_name` if it exists. With `stream` (squeeze only) the train and val splits are Ray Datasets
+    read from shards instead of `data`/`val`. Returns the last checkpoint's state (with jobs: the last student's).
+    `on_event` gets rank 0's progress events (epoch, restored; with jobs each names its student's key) while the run
+    trains, through distributed/progress.py; the workers' memory is noted for the stage's figure (runtime.measure)."""
     ensure_ray(cfg)
-    feed = EpochFeed(on_epoch)
-    channel = Channel(run_name, feed)
+    channel = Channel(run_name, on_event or (lambda event: None))
     datasets, dataset_config = None, None
     if stream is not None:
         from sre2l_ray.distributed.data import make_shard_dataset
@@ -315,6 +365,14 @@ def run_training(
         stream = {k: v for k, v in stream.items() if k in ("shape", "rows")}
     if _USER_POLL is None:  # read from the driver's environment when the controller starts, and passed on to it
         os.environ[POLL_ENV] = str(cfg.ray.poll_interval_s)
+    if _USER_WATCHER is None:
+        # Ray Train 2.60 starts a PreemptionWatcher actor per worker group to hand workers a node's drain notice; on a
+        # one-node cluster there is no other node to move to, and the actor costs a process start (~2 s of CPU) plus
+        # ~1 % of a core while it polls (measured, docs/BENCHMARKS.md). Kept on as Ray's default on a multi-node cluster.
+        if sum(1 for n in ray.nodes() if n.get("Alive")) == 1:
+            os.environ[WATCHER_ENV] = "0"
+        else:
+            os.environ.pop(WATCHER_ENV, None)
     gpu = use_gpu(cfg)
     resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     # A request the cluster can never hold would otherwise retry the worker group start every minute, for ever.
@@ -330,7 +388,7 @@ def run_training(
             "data": ray.put(data) if data is not None else None, "val": ray.put(val) if val is not None else None,
             "teacher": str(teacher.resolve()) if teacher else None, "fault_file": os.environ.get(FAULT_ENV),
             "reporter": channel.reporter(),
-            "soft_labels": soft_labels, "stream": stream, "out": str(Path(cfg.output_dir).resolve()),
+            "soft_labels": soft_labels, "stream": stream, "out": str(Path(cfg.output_dir).resolve()), "jobs": jobs,
         },
         datasets=datasets,
         dataset_config=dataset_config,
@@ -351,7 +409,6 @@ def run_training(
         raise RuntimeError(f"Ray Train run '{run_name}' finished without a checkpoint; delete {_storage_path(cfg)}/{run_name} and rerun")
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / STATE_FILE)
-    feed.finish(list(state["history"]))  # any epoch the live path missed (a lost progress actor)
     # With relabel.ema_decay the weight average, not the last weights, is the trained student.
     return TrainOutcome(state.get("ema", state["model"]), list(state["history"]), list(state["attempts"]), int(state["world"]),
                         [list(n) for n in state.get("nodes", [])])
@@ -366,7 +423,9 @@ def _driver_model(cfg: Config, model_cfg, data: DataShape, state: dict[str, torc
 def fit_teacher(cfg: Config, train: ImageSet, val: ImageSet, on_epoch: OnEpoch | None = None) -> tuple[nn.Module, dict[str, float]]:
     """Squeeze on Ray Train; returns the teacher (on the driver's device) and its last-epoch metrics with val scores."""
     name = f"squeeze-{cfg.hash('seed', 'data', 'squeeze')}"
-    outcome = run_training(cfg, "squeeze", name, train, val, on_epoch=on_epoch)
+    feed = EpochFeed(on_epoch)
+    outcome = run_training(cfg, "squeeze", name, train, val, on_event=feed)
+    feed.finish(outcome.history)  # any epoch the live path missed (a lost progress actor)
     return _driver_model(cfg, cfg.squeeze.model, train, outcome.model_state), outcome.history[-1]
 
 
@@ -383,20 +442,74 @@ def fit_teacher_from_shards(cfg: Config, on_epoch: OnEpoch | None = None) -> tup
     # Without a limit the manifest's row counts (checked against every footer before a run) give the size unread.
     rows = len(train_rows) if train_rows is not None else sum(s["rows"] for s in manifest["splits"][cfg.data.train_dir]["shards"])
     stream = {"shape": asdict(shape), "rows": rows, "train_rows": train_rows, "val_rows": val_rows}
-    outcome = run_training(cfg, "squeeze", f"squeeze-{cfg.hash('seed', 'data', 'squeeze')}", None, stream=stream, on_epoch=on_epoch)
+    feed = EpochFeed(on_epoch)
+    outcome = run_training(cfg, "squeeze", f"squeeze-{cfg.hash('seed', 'data', 'squeeze')}", None, stream=stream, on_event=feed)
+    feed.finish(outcome.history)
     return _driver_model(cfg, cfg.squeeze.model, shape, outcome.model_state), outcome.history[-1], classes, shape
 
 
-def fit_student(cfg: Config, data: ImageSet, teacher_path: Path | None, name: str, work: Path, on_epoch: OnEpoch | None = None) -> nn.Module:
-    """Relabel on Ray Train: soft labels from the teacher at `teacher_path`, or hard labels when it is None. `name`
-    tells the pipeline's students apart (kind and seed); `work` is the student's folder."""
+def fit_students(cfg: Config, jobs: list[StudentJob], on_epoch: OnStudentEpoch, on_done: OnStudentDone) -> None:
+    """Relabel the jobs' students in one Ray Train run (see _train_loop), each with its own config, images, and soft
+    labels from the teacher or hard labels; then hand each to `on_done`. Workers write the finished students into their
+    folders, so the workers and the driver share the output_dir's file system (as for squeeze.keep_epochs and
+    precomputed soft labels)."""
+    finished = [relabel.finished_student(job.cfg, len(job.data), job.work) is not None for job in jobs]
+    # One feed per student: its epochs reach on_epoch live from rank 0 while the run trains, each once and in order,
+    # and it is handed to on_done as soon as rank 0 has written it ("done"), so the engine's contract holds (a
+    # student's epochs, then its on_done, before the next student's) and the pipeline scores it while the next trains.
+    feeds = [EpochFeed(lambda epoch, m, i=i: on_epoch(i, epoch, m)) for i in range(len(jobs))]
+    delivered = [False] * len(jobs)
+
+    def deliver(i: int) -> None:
+        if delivered[i]:
+            return
+        job = jobs[i]
+        state = relabel.finished_student(job.cfg, len(job.data), job.work)
+        if state is None:
+            raise RuntimeError(f"Ray Train run finished but student '{job.name}' is not in {job.work / relabel.LAST}: the Train "
+                               "workers must write to the driver's output_dir (a shared file system); rerun to resume")
+        feeds[i].finish(list(state.get("history", [])))  # a student finished earlier, or epochs the live path missed
+        delivered[i] = True
+        on_done(i, _driver_model(job.cfg, job.cfg.relabel.model, job.data, relabel.trained_weights(state)))
+
+    def on_event(i: int, event: Event) -> None:
+        if event["kind"] == "done":
+            deliver(i)
+        else:
+            feeds[i](event)
+
+    if not all(finished):
+        _students_run(cfg, jobs, finished, on_event)
+    for i in range(len(jobs)):
+        deliver(i)
+
+
+def _students_run(cfg: Config, jobs: list[StudentJob], finished: list[bool], on_event: Callable[[int, Event], None]) -> None:
+    """The Ray Train run of fit_students; students `finished` by an earlier run are listed but skipped."""
     from sre2l_ray.stages.soft_labels import soft_label_source
 
-    key = cfg.hash("seed", "data", "squeeze", "recover", "relabel")
-    run_name = f"relabel-{name}-{'soft' if teacher_path else 'hard'}-{key}-{len(data)}"
-    soft = None
-    if teacher_path is not None and cfg.relabel.soft_labels == "precomputed":
-        # Same folder and key as the in-process path (pipeline._student), so either path reuses the other's labels.
-        soft = {"dir": str((work / "soft_labels").resolve()), "source": soft_label_source(cfg, name)}
-    outcome = run_training(cfg, "relabel", run_name, data, teacher=teacher_path, soft_labels=soft, on_epoch=on_epoch)
-    return _driver_model(cfg, cfg.relabel.model, data, outcome.model_state)
+    ensure_ray(cfg)
+    specs: list[dict[str, Any]] = []
+    refs: dict[int, Any] = {}
+    for job, skip in zip(jobs, finished):
+        c = job.cfg
+        key = c.hash("seed", "data", "squeeze", "recover", "relabel")
+        spec: dict[str, Any] = {"name": job.name, "key": f"{job.name}-{'soft' if job.soft else 'hard'}-{key}-{len(job.data)}", "finished": skip}
+        if not skip:
+            teacher = teacher_path(c) if job.soft else None
+            soft = None
+            if teacher is not None and c.relabel.soft_labels == "precomputed":
+                # Same folder and key as the in-process path (LocalEngine), so either path reuses the other's labels.
+                soft = {"dir": str((job.work / "soft_labels").resolve()), "source": soft_label_source(c, job.name)}
+            if id(job.data) not in refs:  # the condensed set serves several students: through the object store once
+                refs[id(job.data)] = ray.put(job.data)
+            job.work.mkdir(parents=True, exist_ok=True)
+            spec.update({"cfg": c.model_dump(mode="json"), "data": refs[id(job.data)], "teacher": str(teacher.resolve()) if teacher else None,
+                         "soft_labels": soft, "work": str(job.work.resolve()), "rows": len(job.data)})
+        specs.append(spec)
+    # Named by the whole list (the students found finished included), so rerunning the same list after an interruption
+    # resumes this run: its checkpoint holds the student it was training.
+    name = f"relabel-{len(specs)}-students-{hashlib.sha256(' '.join(s['key'] for s in specs).encode()).hexdigest()[:12]}"
+    index = {spec["key"]: i for i, spec in enumerate(specs)}
+    run_training(cfg, "relabel", name, None, jobs=specs,
+                 on_event=lambda event: on_event(index[event["job"]], event) if event.get("job") in index else None)

@@ -4,6 +4,8 @@ the callbacks it is given."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Protocol
 
 from torch import nn
@@ -25,6 +27,24 @@ BatchInputs = Callable[[Shard], dict[str, Any]]
 """The real images one recovery batch starts from or selects from (recovery.batch_inputs)."""
 Scorer = Callable[[nn.Module], dict[str, float]]
 """A model -> its real-val metrics (top1, top5, loss)."""
+OnStudentEpoch = Callable[[int, int, dict[str, float]], None]
+"""Called after each student epoch with the student's index in the job list, the epoch and its metrics."""
+OnStudentDone = Callable[[int, nn.Module], None]
+"""Called once per student, with its index in the job list and the trained student (on the driver's device)."""
+
+
+@dataclass
+class StudentJob:
+    """One student to train: its own config (student seed, lr), images, labels and folder."""
+
+    name: str
+    """Tells the students of one run apart (kind and seed, e.g. "random_soft-seed1")."""
+    cfg: Config
+    data: ImageSet
+    work: Path
+    """The student's folder: last.pt (see stages.relabel.LAST) and, with precomputed labels, soft_labels/."""
+    soft: bool
+    """The teacher's soft labels, else hard labels."""
 
 
 class TeacherFit(NamedTuple):
@@ -50,9 +70,11 @@ class Engine(Protocol):
         """Recover the `todo` batches into `store` (each written with its marker), calling `progress` per batch and
         `on_step` as each batch's optimisation goes."""
 
-    def fit_student(self, cfg: Config, data: ImageSet, name: str, work: str, soft: bool, on_epoch: OnEpoch) -> nn.Module:
-        """Train one student on `data` (soft labels from the teacher, or hard labels) in the folder `work`; `name`
-        tells the students of one run apart."""
+    def fit_students(self, cfg: Config, jobs: list[StudentJob], on_epoch: OnStudentEpoch, on_done: OnStudentDone) -> None:
+        """Train the jobs' students one after another (RayEngine: all in one Ray Train run). Each student's calls
+        come together, its epochs then its `on_done`, before the next student's. A student whose folder holds it
+        trained (last.pt at its last epoch, written by either engine) is handed to `on_done` without training, and an
+        interrupted call resumes at the student it was training."""
 
     def val_scorer(self, cfg: Config) -> Scorer:
         """A scorer on the real val split."""

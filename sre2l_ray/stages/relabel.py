@@ -115,6 +115,33 @@ def relabel_epoch(
     )
 
 
+LAST = "last.pt"
+"""A student's checkpoint in its folder: model, optimizer, scheduler, epoch, resume_key, and "ema" with an EMA. Both
+engines write it (Ray Train when a student finishes), so either resumes or reuses the other's student."""
+
+
+def resume_key(cfg: Config, n_items: int) -> str:
+    """What a student's last.pt must match to be resumed: its seed and relabel settings and the number of images (the
+    images and teacher themselves are fixed per output_dir, see rundir.check_config)."""
+    return cfg.hash("seed", "relabel") + str(n_items)
+
+
+def finished_student(cfg: Config, n_items: int, work_dir: Path) -> dict | None:
+    """The state in work_dir/last.pt when it holds this student trained to its last epoch, else None."""
+    path = work_dir / LAST
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    if state.get("key") != resume_key(cfg, n_items) or int(state["epoch"]) != cfg.relabel.epochs - 1:
+        return None
+    return state
+
+
+def trained_weights(state: dict) -> dict[str, torch.Tensor]:
+    """The trained student of a finished state: the weight average with relabel.ema_decay, else the last weights."""
+    return state.get("ema", state["model"])
+
+
 def train_student(
     cfg: Config,
     data: ImageSet,
@@ -129,8 +156,8 @@ def train_student(
     student = build_student(cfg, data, device)
     ema = build_ema(cfg, data, device)
     opt, sched = make_optimizer(cfg, student, len(data))
-    ckpt = work_dir / "last.pt"
-    key = cfg.hash("seed", "relabel") + str(len(data))
+    ckpt = work_dir / LAST
+    key = resume_key(cfg, len(data))
     start = 0
     if ckpt.is_file():
         state = load_checkpoint(ckpt)
