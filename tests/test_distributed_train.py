@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,12 +98,18 @@ def test_students_in_one_run_match_separate_in_process_fits_and_resume_mid_list(
     def done(i, model) -> None:
         assert [e for j, e in events if j == i] == [0, 1, 2], "a student's epochs come before it is handed over"
         got[i] = model.state_dict()
+        threads[i] = threading.current_thread().name
+
+    threads: dict[int, str] = {}
 
     fit_students(cfg, jobs, lambda i, e, m: events.append((i, e)), done)  # the same list again: the same run resumes
     assert first.stat().st_mtime_ns == stamp, "the finished student was skipped, not retrained"
     states = [load_checkpoint(j.work / LAST) for j in jobs]
     assert [s["attempts"] for s in states] == [[0], [0, 1], [0]], "the interrupted student resumed at its epoch 1"
     assert [i for i, _ in events] == [0, 0, 0, 1, 1, 1, 2, 2, 2], "each student's epochs in turn, in job order"
+    # Students trained in this run are handed over live, by the progress thread while the run trains on; the one
+    # finished before it, at once.
+    assert threads[1].startswith("sre2l-progress-") and threads[2].startswith("sre2l-progress-") and threads[0] == "MainThread"
     # One Train run for the list (resumed, not a second one), and every student identical to its in-process fit.
     assert len(list((Path(cfg.output_dir) / "ray").glob("relabel-*"))) == 1
     for i in range(len(jobs)):

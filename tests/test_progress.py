@@ -102,6 +102,7 @@ def test_in_process_recovery_reports_each_batch_before_it_is_written(tiny_config
 @pytest.mark.slow
 def test_train_epochs_reach_the_driver_while_the_run_trains_and_its_worker_counts_in_memory(ray_local, tiny_config) -> None:
     from sre2l_ray.data.datasets import load_split
+    from sre2l_ray.distributed.progress import EpochFeed
     from sre2l_ray.distributed.train import run_training
 
     epochs = 6
@@ -111,7 +112,7 @@ def test_train_epochs_reach_the_driver_while_the_run_trains_and_its_worker_count
     got: list[tuple[int, dict[str, float], float, str]] = []
     with measure() as stats:
         outcome = run_training(cfg, "squeeze", "live-test", train,
-                               on_epoch=lambda e, m: got.append((e, m, time.time(), threading.current_thread().name)))
+                               on_event=EpochFeed(lambda e, m: got.append((e, m, time.time(), threading.current_thread().name))))
     returned = time.time()
     assert [e for e, *_ in got] == list(range(epochs)), "each epoch once, in order"
     assert all(m["loss"] == pytest.approx(h["loss"]) for (_, m, *_), h in zip(got, outcome.history))

@@ -478,6 +478,8 @@ def fit_students(cfg: Config, jobs: list[StudentJob], on_epoch: OnStudentEpoch, 
         else:
             feeds[i](event)
 
+    for i in (i for i, f in enumerate(finished) if f):  # trained by an earlier run: handed over first, no Train run
+        deliver(i)
     if not all(finished):
         _students_run(cfg, jobs, finished, on_event)
     for i in range(len(jobs)):
