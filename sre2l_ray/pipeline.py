@@ -398,6 +398,8 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None, engine: Engine | N
     # In a pipeline the relabel stage trains every student and this one scores and summarises them: its first run in
     # an output folder is its own work, not a reuse, even though it trains nothing.
     first = "evaluate" not in (json.loads(stages_path.read_text()) if stages_path.is_file() else {})
+    results_path = out_dir(cfg) / "results.json"
+    before = json.loads(results_path.read_text()).get("students") if results_path.is_file() else None
     with tracker.run("evaluate", nested=True, log_config=False), measure() as stats:
         # Reused when the keyed results match this config (relabel ran them), else trained now with this recipe.
         students = _student_runs(cfg, _student_sets(cfg, meta, cfg.evaluate.baselines), tracker, engine.val_scorer(cfg), engine)
@@ -411,7 +413,9 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None, engine: Engine | N
                 "hlr": {"top1": full["top1"] - students["condensed_hard"]["top1"], "full_top1": full["top1"], "full_source": full["source"]},
             }
         tracker.log_metrics(headline_metrics(students, summary))
-    _record_stage(cfg, "evaluate", stats, worked=True if first else None)
+    # Students the relabel stage retrained (another relabel seed) make a new summary: work, not a reuse.
+    summarised_anew = first or before != json.loads(json.dumps(students))
+    _record_stage(cfg, "evaluate", stats, worked=True if summarised_anew else None)
     stages = json.loads(stages_path.read_text())
     results = {
         "dataset": cfg.data.name,
@@ -423,8 +427,8 @@ def run_evaluate(cfg: Config, tracker: Tracker | None = None, engine: Engine | N
         "stages": stages,
         "config_hash": cfg.hash(),
     }
-    atomic_write_json(out_dir(cfg) / "results.json", results)
-    tracker.log_artifact(out_dir(cfg) / "results.json")
+    atomic_write_json(results_path, results)
+    tracker.log_artifact(results_path)
     return results
 
 

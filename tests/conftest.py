@@ -104,12 +104,50 @@ class LocalNodes:
         self.cluster.remove_node(node, allow_graceful=False)
 
 
+@contextlib.contextmanager
+def mlflow_server_in(d: Path) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A real `mlflow server` on a free 127.0.0.1 port (sqlite backend and served artifacts in `d`), stopped
+    afterwards. Yields (uri, wait): it starts in the background, `wait()` returns once it answers."""
+    uri = f"http://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{d}/m.db", "--artifacts-destination", str(d / "artifacts")],
+        stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=d,
+    )
+
+    def wait() -> None:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1).close()
+                return
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (d / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+
+    try:
+        yield uri, wait
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ray_auth_headers() -> dict[str, str]:
+    """The bearer token Ray's HTTP servers want under token auth (RAY_AUTH_TOKEN, else Ray's token file)."""
+    path = Path.home() / ".ray" / "auth_token"
+    token = os.environ.get("RAY_AUTH_TOKEN") or (path.read_text().strip() if path.is_file() else "")
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 @contextlib.contextmanager
@@ -130,8 +168,12 @@ def ray_nodes(workers: int = 2, head_cpus: float = 2, worker_cpus: float = 1) ->
     from ray.cluster_utils import Cluster
 
     root = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's unix sockets live under it
-    before = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PATH")}
+    before = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PATH", "RAY_AUTH_MODE")}
     os.environ["RAY_TMPDIR"] = str(root)
+    # Ray 2.60 turns token auth on for every local cluster once this process has called ray.init (it sets
+    # RAY_AUTH_MODE here, with the token in ~/.ray/auth_token); on from the start, the nodes behave the same whatever
+    # ran before them, and `ray job submit` (inheriting this environment) sends the same token.
+    os.environ["RAY_AUTH_MODE"] = "token"
     # The nodes inherit this process's environment: a job's `python` must be this interpreter (the project's venv).
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     cluster, t0 = None, time.monotonic()
@@ -150,7 +192,7 @@ def ray_nodes(workers: int = 2, head_cpus: float = 2, worker_cpus: float = 1) ->
         deadline = time.monotonic() + 60
         while True:  # the nodes are up; the dashboard's job server may still be starting
             try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
+                urllib.request.urlopen(urllib.request.Request(f"{address}/api/version", headers=_ray_auth_headers()), timeout=2).close()
                 break
             except OSError:
                 assert time.monotonic() < deadline, "the head's job server did not answer"

@@ -30,8 +30,8 @@ import torch
 
 from sre2l_ray.checkpoint import load_checkpoint
 
-from conftest import ROOT, _free_port, ray_nodes
-from test_faults import SETTINGS, assert_nothing_partial, assert_same
+from conftest import ROOT, _ray_auth_headers, mlflow_server_in, ray_nodes
+from test_faults import SETTINGS, assert_same
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -53,34 +53,10 @@ def nodes():
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real `mlflow server` on a free loopback port (sqlite backend, served artifacts), as the README prescribes
-    for several nodes; stopped afterwards. Yields (uri, wait): it starts while the nodes do, `wait()` until it answers."""
-    d = tmp_path_factory.mktemp("mlflow")
-    uri = f"http://127.0.0.1:{_free_port()}"
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1], "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{d}/m.db", "--artifacts-destination", str(d / "artifacts")],
-        stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=d,
-    )
-
-    def wait() -> None:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1).close()
-                return
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (d / "server.log").read_text()[-2000:]
-                time.sleep(0.5)
-
-    try:
-        yield uri, wait
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """A real `mlflow server` on loopback, as the README prescribes for several nodes. Yields (uri, wait): it starts
+    while the nodes do, `wait()` until it answers."""
+    with mlflow_server_in(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
 
 
 def _env() -> dict[str, str]:
@@ -109,7 +85,7 @@ def _submit(address: str, job_id: str, out: Path, *extra: str) -> None:
 
 def _job(address: str, job_id: str, what: str = "") -> dict:
     """The job REST API (cheaper than a `ray job status` process per poll)."""
-    with urllib.request.urlopen(f"{address}/api/jobs/{job_id}{what}", timeout=30) as resp:
+    with urllib.request.urlopen(urllib.request.Request(f"{address}/api/jobs/{job_id}{what}", headers=_ray_auth_headers()), timeout=30) as resp:
         return json.loads(resp.read())
 
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,44 +13,17 @@ from sre2l_ray.pipeline import run_pipeline
 from sre2l_ray.plots import training_curves
 from sre2l_ray.tracking import Tracker, TrackingError
 
+from conftest import _free_port, mlflow_server_in
+
 ROOT = Path(__file__).resolve().parents[1]
-
-PORT = 5055
-URI = f"http://127.0.0.1:{PORT}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real MLflow tracking server (sqlite backend, served artifacts) for this module, killed afterwards."""
-    d = tmp_path_factory.mktemp("mlflow")
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(PORT), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{d}/m.db", "--artifacts-destination", str(d / "artifacts")],
-        stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=d,
-    )
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{URI}/health", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield URI
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    """A real MLflow tracking server (sqlite backend, served artifacts) for this module, stopped afterwards."""
+    with mlflow_server_in(tmp_path_factory.mktemp("mlflow")) as (uri, wait):
+        wait()
+        yield uri
 
 
 @pytest.mark.slow
