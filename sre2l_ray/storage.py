@@ -38,7 +38,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from sre2l_ray.config import Config, ConfigError, is_uri
@@ -221,8 +221,6 @@ class Mirror:
     def pull(self) -> int:
         """Download every remote file that changed there since this staging folder last saw it (or that it lacks);
         sweep stale temp keys. Returns how many files were downloaded."""
-        from concurrent.futures import ThreadPoolExecutor
-
         with self._lock:
             now_ns = time.time_ns()
             todo = []
@@ -235,21 +233,31 @@ class Mirror:
                 if _synced(rel) and not ((self.local / rel).is_file() and seen is not None and seen["remote"] == self._stamp(info)):
                     todo.append((rel, info))  # else unchanged remotely since the last sync: the local copy is as new or newer
 
-            def one(item: tuple[str, Any]) -> tuple[str, Any, os.stat_result]:
+            def one(item: tuple[str, Any]) -> tuple[str, os.stat_result, Any]:
                 rel, info = item
                 self._download(info.path, self.local / rel)
-                return rel, info, (self.local / rel).stat()
+                return rel, (self.local / rel).stat(), info
 
-            got = 0
-            try:
-                with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="sre2l-download") as pool:
-                    for rel, info, st in pool.map(one, todo):
+            return self._transfer([todo], one, "sre2l-download")
+
+    def _transfer(self, phases: list[list[Any]], one: Callable[[Any], tuple[str, os.stat_result, Any]], name: str) -> int:
+        """Run `one` over each phase's items, `UPLOAD_THREADS` at a time, a phase only after the one before it has
+        ended; record each finished file's local and remote stamps, and save them even when a transfer fails.
+        map() yields in order and re-raises the first failure after the phase's other transfers end. Returns how
+        many files moved. Callers hold the lock."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        moved = 0
+        try:
+            with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix=name) as pool:
+                for phase in phases:
+                    for rel, st, info in pool.map(one, phase):
                         self.state[rel] = {"local": [st.st_size, st.st_mtime_ns], "remote": self._stamp(info)}
-                        got += 1
-            finally:
-                if got:
-                    self._save()
-            return got
+                        moved += 1
+        finally:
+            if moved:
+                self._save()
+        return moved
 
     def _download(self, key: str, dest: Path) -> None:
         from sre2l_ray.io import FILE_MODE
@@ -290,29 +298,16 @@ class Mirror:
         target), `UPLOAD_THREADS` at a time; returns how many. Completion records (the .json files: shard markers,
         students' metrics, manifest, stages, results) go up only after every other file of the pass is up, so none
         reaches the remote before what it vouches for (written before it, hence in this pass or an earlier one)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         with self._lock:
             todo = [(rel, st) for rel, st in self.local_files()
                     if (seen := self.state.get(rel)) is None or seen["local"] != [st.st_size, st.st_mtime_ns]]
-            sent = 0
 
             def one(item: tuple[str, os.stat_result]) -> tuple[str, os.stat_result, Any]:
                 rel, st = item
                 return rel, st, self._upload(self.local / rel, rel)
 
-            try:
-                with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="sre2l-upload") as pool:
-                    for phase in ([i for i in todo if not i[0].endswith(".json")], [i for i in todo if i[0].endswith(".json")]):
-                        # map() yields in order and re-raises the first failure after the phase's other uploads
-                        # end; the state records each finished one either way.
-                        for rel, st, info in pool.map(one, phase):
-                            self.state[rel] = {"local": [st.st_size, st.st_mtime_ns], "remote": self._stamp(info)}
-                            sent += 1
-            finally:
-                if sent:
-                    self._save()
-            return sent
+            return self._transfer([[i for i in todo if not i[0].endswith(".json")], [i for i in todo if i[0].endswith(".json")]],
+                                  one, "sre2l-upload")
 
     def _upload(self, src: Path, rel: str) -> Any:
         fs = self.remote.fs

@@ -23,6 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # Keep every Ray this suite starts on 127.0.0.1, and stop idle OpenMP threads from spinning on shared cores.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist (`make test` runs two workers) each worker's Rays keep to a temp dir of their own: a local
+# `ray.init()` joins whatever cluster it finds in <temp>/ray/ray_current_cluster, so with the shared /tmp/ray one
+# worker's CLI run would join, and later lose, the other's cluster. Short: Ray's unix sockets live under it.
+_WORKER_TMP: Path | None = None
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _WORKER_TMP = Path(tempfile.mkdtemp(prefix=f"rt{os.environ['PYTEST_XDIST_WORKER'][-1]}", dir="/tmp"))
+    os.environ["RAY_TMPDIR"] = str(_WORKER_TMP)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _WORKER_TMP is not None:
+        shutil.rmtree(_WORKER_TMP, ignore_errors=True)
 
 
 @pytest.fixture
@@ -75,7 +87,9 @@ def ray_head(env: dict[str, str], offset: int) -> Iterator[str]:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(head.pid, sig)  # the group we created: the head and everything it started
-                head.wait(30)
+                # `ray start --block` outlives a SIGTERM for 30 s and more; its private temp dir and ports leave
+                # nothing worth a graceful stop, so it gets 5 s before SIGKILL.
+                head.wait(5 if sig == signal.SIGTERM else 30)
                 break
             except ProcessLookupError:
                 break

@@ -139,7 +139,7 @@ def test_interrupted_search_resumes(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     args = [sys.executable, "-m", "sre2l_ray.cli", "tune", str(root / "configs/tiny.yaml"), f"output_dir={tmp_path}",
             f"data.root={root / 'data'}", "ray.address=local", "tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/m.db",
-            "tracking.experiment=resume", "tune.search=grid", "tune.asha=false", "tune.max_concurrent=1", "relabel.epochs=100", "tune.eval_every=1",
+            "tracking.experiment=resume", "tune.search=grid", "tune.asha=false", "tune.max_concurrent=1", "relabel.epochs=40", "tune.eval_every=1",
             "tune.space={relabel.temperature: {grid: [1.0, 4.0]}}"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
