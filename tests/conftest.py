@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Keep every Ray this suite starts on 127.0.0.1, and stop idle OpenMP threads from spinning on shared cores.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Under pytest-xdist (`make test` runs two workers) each worker's Rays keep to a temp dir of their own: a local
+# Under pytest-xdist (`pytest -n 2`) each worker's Rays keep to a temp dir of their own: a local
 # `ray.init()` joins whatever cluster it finds in <temp>/ray/ray_current_cluster, so with the shared /tmp/ray one
 # worker's CLI run would join, and later lose, the other's cluster. Short: Ray's unix sockets live under it.
 _WORKER_TMP: Path | None = None

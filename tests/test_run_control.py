@@ -19,7 +19,7 @@ import yaml
 
 from conftest import ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = [pytest.mark.slow]
 
 TINY = str(ROOT / "configs/tiny.yaml")
 BIN = Path(sys.executable).parent
