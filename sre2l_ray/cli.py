@@ -143,6 +143,10 @@ def interrupted(prog: str = "sre2l") -> int:
     """One line instead of a traceback; exit status 128 + signal number (130 for Ctrl-C, 143 for SIGTERM)."""
     _close_bars()
     print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+    # CPython remembers an interrupt that escaped an exec() of a string (dataclasses and namedtuples are built that
+    # way, so Ctrl-C during an import does it) and, under `python -m`, then ends the process by SIGINT instead of with
+    # this status even though the interrupt was handled; evaluating any string clears that memory.
+    exec("")  # a constant empty string
     return 128 + (_received[-1] if _received else signal.SIGINT)
 
 

@@ -129,6 +129,27 @@ def test_ctrl_c_or_sigterm_without_ray_is_one_line_and_resumable(tmp_path: Path,
     assert _markers(out) == 10 and (out / "results.json").is_file()
 
 
+def test_ctrl_c_inside_an_exec_still_exits_130_under_python_m(tmp_path: Path) -> None:
+    """CI once saw the one-line message and then returncode -2 (killed by SIGINT): Ctrl-C had landed while a
+    dataclass was being built (an exec() of a string) during an import, and CPython then ends a `python -m` process
+    by SIGINT whatever status it exits with."""
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import sys\n"
+        "import tqdm  # imported by then in a real run (the progress bars); a first import here would hide the bug\n"
+        "from sre2l_ray.cli import interrupted, signals_as_interrupts\n"
+        "with signals_as_interrupts():\n"
+        "    try:\n"
+        "        exec('import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass')\n"
+        "    except KeyboardInterrupt:\n"
+        "        status = interrupted()\n"
+        "sys.exit(status)\n"
+    )
+    env = _env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    r = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert _one_line(r.stderr) == "sre2l: interrupted; rerun the same command to resume"
+
+
 @pytest.mark.ray
 def test_ctrl_c_aborts_a_running_train_run(tmp_path: Path, ray_local) -> None:
     """The interrupt reaches the caller as KeyboardInterrupt, the Train run stops (no checkpoint after it), and the
