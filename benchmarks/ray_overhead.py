@@ -72,7 +72,7 @@ def time_recover(cfg: Config, base: Path, name: str, ray_on: bool) -> float:
 
         recover_on_actors(c, store, meta, todo, lambda s, log: None)
     else:
-        recover_local(c, store, meta, todo, lambda s, log: None, lambda s: {})
+        recover_local(c, store, meta, todo, lambda s, log: None, lambda s, held: {})
     wall = time.perf_counter() - t0
     assert len(store.done_shards()) == len(todo)
     return wall

@@ -200,7 +200,7 @@ def run_recover(cfg: Config, tracker: Tracker | None = None, engine: Engine | No
             if class_stats:
                 teacher = load_teacher(cfg, resolve_device(cfg.device))
                 meta = {**meta, "class_stats": str(ensure_class_stats(cfg, out_dir(cfg), teacher, real).resolve())}
-            engine.recover(cfg, store, meta, todo, progress, lambda shard: batch_inputs(cfg, real if needs_real_images(cfg) else None, shard),
+            engine.recover(cfg, store, meta, todo, progress, lambda shard, held: batch_inputs(cfg, real if needs_real_images(cfg) else None, shard, held),
                            on_step)
         bar.close()
         store.finalize()

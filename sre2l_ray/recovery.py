@@ -9,7 +9,8 @@ the Ray actors alike.
   set and stored beside the teacher (`class_stats.pt`, keyed like the teacher).
 
 The driver picks the real images (labels only) and reads just those; each recovery batch travels with its own images,
-so a worker never holds a split.
+so a worker never holds a split. A worker keeps the picks it made, so a class's candidates travel (and are read) once
+per worker, not once per batch.
 
 `ShardRecoverer` is the recovery worker itself: run in this process by `recover_local`, and as a Ray actor by
 distributed/recover.py; `synthetic_store` names the condensed set both write.
@@ -28,6 +29,7 @@ from sre2l_ray.checkpoint import load_checkpoint, save_checkpoint
 from sre2l_ray.config import Config
 from sre2l_ray.data.datasets import STATS, ImageSet, load_split, to_uint8, train_images, train_labels
 from sre2l_ray.data.synthetic import SyntheticStore
+from sre2l_ray.engine.base import BatchInputs
 from sre2l_ray.runtime import resolve_device, set_threads
 from sre2l_ray.stages.recover import BNStatHooks, Shard, plan_shards, prepare_teacher, real_init_indices, recover_shard
 from sre2l_ray.stages.select import candidate_indices, cluster_class, select_class
@@ -73,14 +75,15 @@ class RealImages:
             yield train_images(self.data, [pos])[0]
 
 
-def batch_inputs(cfg: Config, real: RealImages | None, shard: Shard) -> dict[str, Any]:
+def batch_inputs(cfg: Config, real: RealImages | None, shard: Shard, held: frozenset[int] = frozenset()) -> dict[str, Any]:
     """The real images one recovery batch starts from (init=real, in shard.targets() order) or selects from
-    (method=select, candidates per class); empty for SRe2L's noise start."""
+    (selection: candidates of each of its classes not in `held`, the classes whose picks the worker already holds);
+    empty for SRe2L's noise start."""
     if real is None:
         return {}
     if selects(cfg):
         n = cfg.recover.select.candidates
-        return {"candidates": [real.take(candidate_indices(real.labels, c, n, cfg.seed)) for c in shard.classes]}
+        return {"candidates": {c: real.take(candidate_indices(real.labels, c, n, cfg.seed)) for c in shard.classes if c not in held}}
     return {"init": real.take(real_init_indices(real.labels, shard.targets(), cfg.seed))}
 
 
@@ -163,19 +166,27 @@ class ShardRecoverer:
         """Where this worker runs, for each shard's marker beside its pid (the Ray actor adds its node id)."""
         return {}
 
-    def run(self, shard: Shard, attempt: int = 1, init: torch.Tensor | None = None, candidates: list[torch.Tensor] | None = None,
+    def held(self) -> frozenset[int]:
+        """The classes whose picks this worker holds (their candidates need not come again)."""
+        return frozenset(self._picked)
+
+    def run(self, shard: Shard, attempt: int = 1, init: torch.Tensor | None = None, candidates: dict[int, torch.Tensor] | None = None,
             on_step: OnIterations | None = None) -> list[dict[str, float]]:
         """Make one recovery batch's images, write them (marker last), return its loss log. `init`: uint8 start images
-        (recover.init=real); `candidates`: per class of the batch, uint8 real images to select from (method=select).
+        (recover.init=real); `candidates`: class -> uint8 real images to select from, for the batch's classes this
+        worker has not picked for yet (selection).
         `on_step(iterations done, {"loss", "batch_s"})`: live progress within an optimised batch (every 2%), with the
         seconds since the batch began."""
         targets = shard.targets()
         rc = self.cfg.recover
         t0 = time.perf_counter()
         step = None if on_step is None else (lambda done, m: on_step(done, {**m, "batch_s": time.perf_counter() - t0}))
-        if candidates is not None:
+        if selects(self.cfg):
             # A class's picks are ranked against each other, so each batch selects its classes whole and takes its
             # ipc indices (the same picks in every batch: selection is a pure function of teacher, class and seed).
+            missing = [c for c in shard.classes if c not in self._picked and c not in (candidates or {})]
+            if missing:
+                raise ValueError(f"recovery batch {shard.id} came without candidates for class(es) {missing} this worker has not picked")
             self.hooks.paused = True  # scoring forwards are not BN-matching batches
             try:
                 pick = (
@@ -183,7 +194,7 @@ class ShardRecoverer:
                     if rc.init == "cluster" and rc.method == "optimise" else
                     (lambda c, cand: select_class(self.teacher, cand, c, rc.ipc, rc.select, self.cfg.seed, self.pixels.normalize))
                 )
-                for c, cand in zip(shard.classes, candidates):
+                for c, cand in (candidates or {}).items():
                     if c not in self._picked:
                         self._picked[c] = pick(c, cand.to(self.device))
                 picked = self._picked
@@ -192,7 +203,7 @@ class ShardRecoverer:
             chosen = torch.stack([picked[c][k] for c, k in targets])
             if rc.method == "optimise":  # init=select / cluster: recovery starts from the picked real images
                 init = chosen
-        if candidates is not None and rc.method == "select":
+        if rc.method == "select":
             images, log = chosen, [{"step": 0}]
         else:
             start = self.pixels.normalize(init.to(self.device)) if init is not None else None
@@ -206,8 +217,6 @@ class ShardRecoverer:
         return log
 
 
-BatchInputs = Callable[[Shard], dict[str, Any]]
-
 
 def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo: list[Shard], progress, inputs: BatchInputs,
                   on_step: Callable[[Shard, int, dict[str, float]], None] | None = None) -> None:
@@ -216,4 +225,4 @@ def recover_local(cfg: Config, store: SyntheticStore, meta: dict[str, Any], todo
     worker = ShardRecoverer(cfg.model_dump(mode="json"), store, meta, cfg.threads)
     for shard in todo:
         step = None if on_step is None else (lambda done, m, shard=shard: on_step(shard, done, m))
-        progress(shard, worker.run(shard, **inputs(shard), on_step=step))
+        progress(shard, worker.run(shard, **inputs(shard, worker.held()), on_step=step))

@@ -92,7 +92,7 @@ def test_in_process_recovery_reports_each_batch_before_it_is_written(tiny_config
     store.open()
     todo = recovery_plan(int(meta["num_classes"]), cfg)
     events: list[tuple[str, str, int]] = []
-    recover_local(cfg, store, meta, todo, lambda shard, log: events.append(("written", shard.id, 0)), lambda shard: {},
+    recover_local(cfg, store, meta, todo, lambda shard, log: events.append(("written", shard.id, 0)), lambda shard, held: {},
                   lambda shard, done, m: events.append(("step", shard.id, done)))
     want = [e for s in todo for e in [*(("step", s.id, d) for d in range(1, 11)), ("written", s.id, 0)]]
     assert events == want

@@ -89,6 +89,60 @@ def test_cluster_init_starts_from_distinct_real_images_of_each_class(tmp_path: P
         assert len(set(found)) == cfg.recover.ipc  # each a real image of its class, none twice
 
 
+def test_a_worker_is_sent_each_class_candidates_once_and_makes_the_same_images(tmp_path: Path) -> None:
+    """With ipc_per_batch < ipc every recovery batch holds every class; the worker keeps its picks, so only its first
+    batch brings candidates, and the images equal those of a worker sent them with every batch."""
+    from sre2l_ray.data.synthetic import SyntheticStore
+    from sre2l_ray.pipeline import teacher_meta
+    from sre2l_ray.recovery import RealImages, batch_inputs, class_stats_path, recover_local, recovery_plan
+
+    cfg = _cfg("edc", tmp_path / "run", "recover.init=cluster", "recover.iterations=2", "recover.select.candidates=20",
+               "evaluate.baselines=false", "relabel.epochs=1")
+    run_pipeline(cfg)  # the teacher, its class statistics and the condensed set, made the new way
+    meta = {**teacher_meta(cfg), "class_stats": str(class_stats_path(tmp_path / "run"))}
+    real, plan = RealImages(cfg), recovery_plan(10, cfg)
+    assert len(plan) == 2 and all(s.classes == tuple(range(10)) for s in plan)
+    made = synthetic_store(cfg, list(meta["classes"]))
+
+    def recover(name: str, held_aware: bool) -> list[list[int]]:
+        store, sent = SyntheticStore(tmp_path / name, list(meta["classes"]), cfg.recover.ipc, name, cfg.seed), []
+
+        def inputs(shard, held):
+            got = batch_inputs(cfg, real, shard, held if held_aware else frozenset())
+            sent.append(sorted(got["candidates"]))
+            return got
+
+        recover_local(cfg, store, meta, plan, lambda shard, log: None, inputs)
+        for c in range(10):
+            for k in range(cfg.recover.ipc):
+                assert store.image_path(c, k).read_bytes() == made.image_path(c, k).read_bytes(), (name, c, k)
+        return sent
+
+    assert recover("once", held_aware=True) == [list(range(10)), []]
+    assert recover("every", held_aware=False) == [list(range(10))] * 2
+
+
+@pytest.mark.ray
+def test_one_ray_actor_is_sent_each_class_candidates_once(tmp_path: Path, ray_local) -> None:
+    """Both recovery batches hold every class and go to the one actor: the second comes without candidates (the actor
+    uses the picks it kept; a driver that held back candidates an actor lacks would fail it) and the images equal
+    the in-process ones."""
+    import shutil
+
+    from sre2l_ray.pipeline import run_recover, run_squeeze
+
+    extra = ("recover.init=cluster", "recover.iterations=2", "recover.select.candidates=20", "threads=1")
+    local = _cfg("edc", tmp_path / "local", *extra)
+    run_squeeze(local)
+    run_recover(local)
+    shutil.copytree(tmp_path / "local", tmp_path / "ray", ignore=shutil.ignore_patterns("synthetic"))  # the same teacher
+    run_recover(_cfg("edc", tmp_path / "ray", *extra, "ray.enabled=true", "ray.num_actors=1", "ray.cpus_per_actor=0.5"))
+    pngs = sorted((tmp_path / "local" / "synthetic").rglob("*.png"))
+    assert len(pngs) == 20
+    for png in pngs:
+        assert png.read_bytes() == (tmp_path / "ray" / png.relative_to(tmp_path / "local")).read_bytes(), png.name
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["edc", "rded"])

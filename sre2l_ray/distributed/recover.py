@@ -34,6 +34,7 @@ from sre2l_ray.config import Config
 from sre2l_ray.data.synthetic import SyntheticStore
 from sre2l_ray.distributed.cluster import check_fits, ensure_ray, threads_for, use_gpu
 from sre2l_ray.distributed.progress import Channel, Reporter
+from sre2l_ray.engine.base import BatchInputs
 from sre2l_ray.recovery import ShardRecoverer
 from sre2l_ray.runtime import process_peak_mb
 from sre2l_ray.stages.recover import Shard
@@ -71,7 +72,7 @@ def recover_on_actors(
     meta: dict[str, Any],
     todo: list[Shard],
     progress: Callable[[Shard, list[dict[str, float]]], None],
-    inputs: Callable[[Shard], dict[str, Any]] = lambda shard: {},
+    inputs: BatchInputs = lambda shard, held: {},
     on_step: Callable[[Shard, int, dict[str, float]], None] | None = None,
 ) -> None:
     """Recover `todo` on min(ray.num_actors, len(todo)) actors; returns when every shard is written. `on_step`
@@ -100,12 +101,17 @@ def recover_on_actors(
 
     queue: deque[tuple[Shard, int]] = deque((s, 1) for s in todo)
     in_flight: dict[ray.ObjectRef, tuple[Any, Shard, int]] = {}
+    # Per live actor, the classes whose candidates it was sent: it keeps its picks, so they are not read again. An
+    # actor's calls run in order, so a class sent with one batch is picked before the next batch needs it.
+    held: dict[int, set[int]] = {}
 
     def hand_out(actor: Any) -> None:
         if queue:
             shard, attempt = queue.popleft()
             # A recovery batch travels with its own real images (recipes that start from or select them).
-            in_flight[actor.run.remote(shard, attempt, **inputs(shard))] = (actor, shard, attempt)
+            sent = held.setdefault(id(actor), set())
+            in_flight[actor.run.remote(shard, attempt, **inputs(shard, frozenset(sent)))] = (actor, shard, attempt)
+            sent.update(shard.classes)
 
     # Every actor holds its CPUs (and GPU) for its whole life, so one that the cluster cannot place would keep its
     # shard pending for ever: start only as many as fit at once (at least one must), the queue spreads the rest.
@@ -137,6 +143,7 @@ def recover_on_actors(
                     ) from err
                 queue.appendleft((shard, attempt + 1))
                 actors.remove(actor)
+                held.pop(id(actor), None)
                 ray.kill(actor, no_restart=True)
                 actor = spawn()
                 actors.append(actor)

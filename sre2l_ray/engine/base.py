@@ -23,8 +23,9 @@ Progress = Callable[[Shard, list[dict[str, float]]], None]
 Step = Callable[[Shard, int, dict[str, float]], None]
 """Called while a recovery batch is optimised, every 2% of its iterations: (batch, iterations done, {"loss": ...,
 "batch_s": seconds since the batch began})."""
-BatchInputs = Callable[[Shard], dict[str, Any]]
-"""The real images one recovery batch starts from or selects from (recovery.batch_inputs)."""
+BatchInputs = Callable[[Shard, frozenset[int]], dict[str, Any]]
+"""The real images one recovery batch starts from or selects from (recovery.batch_inputs), given the classes whose
+picks the worker that runs it already holds (their candidates are not read again)."""
 Scorer = Callable[[nn.Module], dict[str, float]]
 """A model -> its real-val metrics (top1, top5, loss)."""
 OnStudentEpoch = Callable[[int, int, dict[str, float]], None]
