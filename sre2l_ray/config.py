@@ -261,7 +261,8 @@ class EvaluateConfig(_Group):
     student on the condensed set, for IOR and HLR (DD-Ranking)."""
     seeds: StrictInt = Field(1, ge=1)
     """Evaluation seeds: each trains every student anew (student seed relabel.seed + k) and draws a new random real
-    subset (seed + k); results report mean +- std. Benchmarks use >= 3."""
+    subset (with the same seed); results report mean +- std. Benchmarks use >= 3. Another relabel.seed (default: the
+    top-level seed) evaluates the same condensed set afresh: new students, new subsets."""
     lr_grid: list[Real] = Field(default_factory=list)
     """Optional student learning rates to search, separately for each student kind, on seed 0 (DD-Ranking searches
     {1e-3, 5e-3, 1e-2, 5e-2, 0.1}); the best (val top-1) is then used for every seed. Empty = relabel.lr."""

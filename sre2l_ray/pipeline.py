@@ -354,7 +354,11 @@ def _student_sets(cfg: Config, meta: dict[str, Any], baselines: bool) -> dict[st
     condensed = _condensed_set(cfg, meta)
     sets: dict[str, Callable[[int], ImageSet]] = {"condensed": lambda k: condensed}
     if baselines:
-        seeds = [cfg.seed + k for k in range(cfg.evaluate.seeds)]
+        from sre2l_ray.stages.relabel import student_seed
+
+        # Drawn with the students' seeds: a new relabel.seed is a fresh evaluation (students and subsets) of the same
+        # condensed set; without one these are seed + k, as the students' seeds.
+        seeds = [student_seed(cfg) + k for k in range(cfg.evaluate.seeds)]
         subsets = dict(zip(range(len(seeds)), real_subsets(cfg.data, cfg.recover.ipc, seeds)))
         sets.update({"random_soft": subsets.__getitem__, "random_hard": subsets.__getitem__, "condensed_hard": lambda k: condensed})
     return sets

@@ -62,6 +62,21 @@ def test_every_student_runs_every_seed_with_a_fresh_subset(two_seeds) -> None:
     assert "same architecture" in results["hlr"]["full_source"]
 
 
+def test_another_relabel_seed_is_a_fresh_evaluation_new_subsets_too(two_seeds) -> None:
+    """Seed k's random subset is drawn with the students' seed (relabel.seed + k; the top-level seed without one), so
+    another relabel.seed re-evaluates the same condensed set on new draws, not only new student inits."""
+    from sre2l_ray.data.datasets import real_subsets
+    from sre2l_ray.pipeline import _student_sets
+    from sre2l_ray.teacher import teacher_meta
+
+    cfg, _ = two_seeds
+    fresh = cfg.model_copy(update={"relabel": cfg.relabel.model_copy(update={"seed": 7})})
+    for c, seeds in ((cfg, [cfg.seed, cfg.seed + 1]), (fresh, [7, 8])):
+        sets = _student_sets(c, teacher_meta(c), baselines=True)
+        for k, want in enumerate(real_subsets(cfg.data, cfg.recover.ipc, seeds)):
+            assert torch.equal(sets["random_soft"](k).images, want.images) and sets["random_hard"](k) is sets["random_soft"](k)
+
+
 def test_changed_student_recipe_retrains_the_condensed_student_too(two_seeds) -> None:
     """`sre2l evaluate <same config> relabel.temperature=...` once reused the condensed student trained at another
     temperature and mixed the two in results.json: every student must follow the recipe of this call."""
