@@ -44,7 +44,9 @@ def test_every_torch_load_is_weights_only() -> None:
 def test_no_pickle_eval_exec_or_unsafe_yaml() -> None:
     assert _calls(r"\bimport pickle\b|\bpickle\.loads?\(|\bdill\b|\bcloudpickle\.loads?\(") == []
     assert _calls(r"yaml\.(load|unsafe_load|full_load)\(") == [], "yaml.safe_load only"
-    assert _calls(r"(?<![.\w])(eval|exec)\(") == [], "no eval()/exec() (model.eval() is fine)"
+    # exec("") alone is allowed: a constant empty string runs no code (cli.interrupted evaluates one to clear the
+    # interrupt CPython remembers from an exec() of a string; see the comment there).
+    assert _calls(r"(?<![.\w])(eval|exec)\((?!\"\"\))") == [], "no eval()/exec() (model.eval() is fine)"
     assert _calls(r"shell=True") == []
 
 
