@@ -184,7 +184,8 @@ class ShardRecoverer:
         if selects(self.cfg):
             # A class's picks are ranked against each other, so each batch selects its classes whole and takes its
             # ipc indices (the same picks in every batch: selection is a pure function of teacher, class and seed).
-            missing = [c for c in shard.classes if c not in self._picked and c not in (candidates or {})]
+            candidates = candidates or {}
+            missing = [c for c in shard.classes if c not in self._picked and c not in candidates]
             if missing:
                 raise ValueError(f"recovery batch {shard.id} came without candidates for class(es) {missing} this worker has not picked")
             self.hooks.paused = True  # scoring forwards are not BN-matching batches
@@ -194,13 +195,12 @@ class ShardRecoverer:
                     if rc.init == "cluster" and rc.method == "optimise" else
                     (lambda c, cand: select_class(self.teacher, cand, c, rc.ipc, rc.select, self.cfg.seed, self.pixels.normalize))
                 )
-                for c, cand in (candidates or {}).items():
+                for c, cand in candidates.items():
                     if c not in self._picked:
                         self._picked[c] = pick(c, cand.to(self.device))
-                picked = self._picked
             finally:
                 self.hooks.paused = False
-            chosen = torch.stack([picked[c][k] for c, k in targets])
+            chosen = torch.stack([self._picked[c][k] for c, k in targets])
             if rc.method == "optimise":  # init=select / cluster: recovery starts from the picked real images
                 init = chosen
         if rc.method == "select":
